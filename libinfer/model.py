@@ -1,0 +1,242 @@
+"""The decoder: a Llama-family transformer specialised for batched inference.
+
+Shapes: T = packed prompt tokens of several sequences, B = decoding rows, H = hidden,
+Hq/Hkv = local query/KV heads, G = Hq // Hkv, D = head_dim, L = cache length.
+
+Prefill runs the linear layers once over all prompts packed end to end (no padding)
+and attention per sequence. Decode runs one token for each of the B rows that occupy
+cache slots 0..B-1, attending over the slot cache with a per-row length mask.
+The model knows nothing about ranks: `parallel.py` shards its weights and adds the
+all-reduces with forward hooks.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .loading import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # fp32 statistics, as the reference does, whatever the compute dtype.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Rotary:
+    """cos/sin tables for all positions, built once (HF's rotate-half convention)."""
+
+    def __init__(self, head_dim: int, base: float, max_pos: int, dtype: torch.dtype, device):
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
+        freqs = torch.arange(max_pos, device=device, dtype=torch.float32)[:, None] * inv_freq[None, :]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        self.cos, self.sin = emb.cos().to(dtype), emb.sin().to(dtype)   # [P, D]
+
+    def apply(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        # x: [..., N, heads, D], pos: [N] positions of the N tokens
+        cos, sin = self.cos[pos][:, None, :], self.sin[pos][:, None, :]
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rotated * sin
+
+
+class KVCache:
+    """Preallocated per-slot cache: k/v of shape [layers, slots, Hkv, L, D]."""
+
+    def __init__(self, n_layers: int, n_slots: int, n_kv_heads: int, max_len: int, head_dim: int, dtype, device):
+        shape = (n_layers, n_slots, n_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    @property
+    def n_slots(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+    def copy_slot(self, src: int, dst: int, length: int) -> None:
+        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
+        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        self.wqkv = nn.Linear(cfg.hidden_size, q + 2 * kv, bias=cfg.attention_bias)   # fused q, k, v
+        self.wo = nn.Linear(q, cfg.hidden_size, bias=False)
+
+    def _qkv(self, x: torch.Tensor, pos: torch.Tensor, rope: Rotary):
+        n, d = x.shape[0], self.head_dim
+        q, k, v = self.wqkv(x).split([self.n_heads * d, self.n_kv_heads * d, self.n_kv_heads * d], dim=-1)
+        q = rope.apply(q.view(n, self.n_heads, d), pos)
+        k = rope.apply(k.view(n, self.n_kv_heads, d), pos)
+        return q, k, v.view(n, self.n_kv_heads, d)
+
+    def prefill(self, x, pos, spans, slots, cache_k, cache_v, rope):
+        """x: [T, H] packed; spans: (offset, length, start) per sequence; writes the cache."""
+        q, k, v = self._qkv(x, pos, rope)
+        outs = []
+        for (off, n, start), slot in zip(spans, slots):
+            end = start + n
+            cache_k[slot, :, start:end] = k[off:off + n].transpose(0, 1)
+            cache_v[slot, :, start:end] = v[off:off + n].transpose(0, 1)
+            qs = q[off:off + n].transpose(0, 1)[None]                 # [1, Hq, n, D]
+            ks, vs = cache_k[slot, :, :end][None], cache_v[slot, :, :end][None]
+            if start == 0:
+                o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
+            else:  # a later chunk of a long prompt: query i sees keys <= start + i
+                mask = torch.ones(n, end, dtype=torch.bool, device=x.device).tril(start)
+                o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=True)
+            outs.append(o[0].transpose(0, 1).reshape(n, -1))
+        return self.wo(torch.cat(outs) if len(outs) > 1 else outs[0])
+
+    def decode(self, x, pos, cache_k, cache_v, mask, rope):
+        """x: [B, H], one token per row; row b lives in slot b at position pos[b]."""
+        b, d = x.shape[0], self.head_dim
+        q, k, v = self._qkv(x, pos, rope)
+        rows = torch.arange(b, device=x.device)
+        cache_k[rows, :, pos] = k
+        cache_v[rows, :, pos] = v
+        L = mask.shape[-1]
+        g = self.n_heads // self.n_kv_heads
+        # The G query heads of a KV group become G query rows of that group: no repeat of k/v.
+        qg = q.view(b, self.n_kv_heads, g, d)
+        o = F.scaled_dot_product_attention(qg, cache_k[:b, :, :L], cache_v[:b, :, :L], attn_mask=mask)
+        return self.wo(o.reshape(b, self.n_heads * d))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w13 = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)  # fused gate, up
+        self.w2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        self.mlp = FeedForward(cfg)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rope: Rotary | None = None
+        self.requires_grad_(False)
+
+    @classmethod
+    def empty(cls, cfg: ModelConfig, dtype: torch.dtype, device) -> "Transformer":
+        """Build with uninitialised storage (no random init): `load_weights` fills it."""
+        with torch.device("meta"):
+            model = cls(cfg)
+        model = model.to_empty(device=device).to(dtype)
+        model.setup_rope(cfg.max_position)
+        return model
+
+    def setup_rope(self, max_pos: int) -> None:
+        p = self.lm_head.weight
+        self.rope = Rotary(self.cfg.head_dim, self.cfg.rope_theta, max_pos, p.dtype, p.device)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(h)).float()
+
+    @torch.inference_mode()
+    def prefill(self, tokens: torch.Tensor, spans, slots, cache: KVCache) -> torch.Tensor:
+        """tokens: [T] packed prompt chunks; returns fp32 logits of each chunk's last token [S, V]."""
+        pos = torch.cat([torch.arange(start, start + n, device=tokens.device) for _, n, start in spans])
+        h = self.embed(tokens)
+        for i, layer in enumerate(self.layers):
+            h = h + layer.attn.prefill(layer.attn_norm(h), pos, spans, slots, cache.k[i], cache.v[i], self.rope)
+            h = h + layer.mlp(layer.mlp_norm(h))
+        last = torch.tensor([off + n - 1 for off, n, _ in spans], device=tokens.device)
+        return self.logits(h[last])
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """tokens, pos: [B] (row b in slot b); returns fp32 logits [B, V]."""
+        L = int(pos.max()) + 1
+        valid = torch.arange(L, device=tokens.device)[None, :] <= pos[:, None]
+        mask = torch.zeros(valid.shape, dtype=cache.k.dtype, device=tokens.device)
+        mask.masked_fill_(~valid, float("-inf"))
+        mask = mask[:, None, None, :]                                   # [B, 1, 1, L]
+        h = self.embed(tokens)
+        for i, layer in enumerate(self.layers):
+            h = h + layer.attn.decode(layer.attn_norm(h), pos, cache.k[i], cache.v[i], mask, self.rope)
+            h = h + layer.mlp(layer.mlp_norm(h))
+        return self.logits(h)
+
+    def load_weights(self, tensors, shard=None) -> None:
+        """Fill parameters from (name, getter) pairs (see loading.py); `shard(name, t)` slices for TP."""
+        shard = shard or (lambda name, t: t)
+        pending: dict[str, dict[str, torch.Tensor]] = {}
+        seen_head = False
+        for name, get in tensors:
+            t = shard(name, get())
+            if name == "embed":
+                self._set(self.embed.weight, t)
+                if self.cfg.tie_embeddings:
+                    self.lm_head.weight = self.embed.weight
+            elif name == "norm":
+                self._set(self.norm.weight, t)
+            elif name == "lm_head":
+                self._set(self.lm_head.weight, t)
+                seen_head = True
+            else:
+                _, i, part = name.split(".")
+                layer = self.layers[int(i)]
+                if part in ("attn_norm", "mlp_norm"):
+                    self._set(getattr(layer, part).weight, t)
+                elif part == "o":
+                    self._set(layer.attn.wo.weight, t)
+                elif part == "down":
+                    self._set(layer.mlp.w2.weight, t)
+                else:  # parts of a fused projection wait for their siblings
+                    group = pending.setdefault(i, {})
+                    group[part] = t
+                    self._fuse(layer, group)
+        if not self.cfg.tie_embeddings and not seen_head:
+            raise ValueError("checkpoint has no lm_head weight but does not tie embeddings")
+        if any(pending.values()):
+            raise ValueError(f"incomplete projections in checkpoint: {pending and list(pending.items())[0][1].keys()}")
+
+    def _fuse(self, layer: Block, group: dict) -> None:
+        if all(k in group for k in ("q", "k", "v")):
+            self._set(layer.attn.wqkv.weight, torch.cat([group.pop("q"), group.pop("k"), group.pop("v")]))
+        if all(k in group for k in ("q_bias", "k_bias", "v_bias")):
+            self._set(layer.attn.wqkv.bias, torch.cat([group.pop("q_bias"), group.pop("k_bias"), group.pop("v_bias")]))
+        if all(k in group for k in ("gate", "up")):
+            self._set(layer.mlp.w13.weight, torch.cat([group.pop("gate"), group.pop("up")]))
+
+    @staticmethod
+    def _set(param: torch.Tensor, value: torch.Tensor) -> None:
+        if param.shape != value.shape:
+            raise ValueError(f"weight shape {tuple(value.shape)} does not match the model's {tuple(param.shape)}")
+        param.copy_(value)
