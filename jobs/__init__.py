@@ -1,0 +1,1 @@
+"""Spark/Hydra entry points. Inference logic lives in libinfer; these files are glue."""
