@@ -1,0 +1,219 @@
+"""Structured configs (dataclasses) for the Hydra config groups, registered in Hydra's
+ConfigStore so that a misspelled key or a wrongly typed value fails at start, naming it.
+
+Types are checked by OmegaConf while Hydra composes the config; values (enumerations,
+ranges, the generation parameters) by `validate`, which every job calls first.
+
+    from jobs._config import ModelConf, MlflowConf, validate, ConfigError
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message starts with the key's dotted name."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"config '{key}': {message}")
+        self.key = key
+
+
+# --------------------------------------------------------------------------- groups
+
+@dataclass
+class RandomInitConf:
+    """Shape of a random-initialised Llama written on first use (tests)."""
+    hidden_size: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    intermediate_size: int = 256
+    seed: int = 0
+
+
+@dataclass
+class ModelConf:
+    """conf/model/*.yaml: which checkpoint and how the generator runs it."""
+    name: str = MISSING
+    path: Optional[str] = None          # null = the bundled SmolLM2 GGUF
+    gguf_file: Optional[str] = None
+    dtype: str = "float32"              # float32 | bfloat16 | float16
+    device: str = "cpu"                 # cpu | cuda | cuda:N
+    tp_size: int = 1
+    max_batch_size: int = 32            # KV-cache slots (rows decoded together)
+    max_batch_tokens: int = 1024        # prompt tokens per prefill step
+    kv_cache_gb: float = 4.0
+    random_init: Optional[RandomInitConf] = None
+
+
+@dataclass
+class GenerationConf:
+    """conf/generation/*.yaml: exactly the fields of libinfer.GenerationParams."""
+    temperature: float = 1.0
+    out_seq_length: int = 32
+    recompute: bool = False
+    greedy: bool = False
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    stop_sequences: List[str] = field(default_factory=list)
+    start: str = ""
+    restart: str = ""
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    seed: Optional[int] = None
+    n: int = 1
+
+
+@dataclass
+class CleanConf:
+    """Text normalisation applied by jobs.preprocess before tokenizing."""
+    unicode_form: Optional[str] = "NFC"     # NFC | NFKC | NFD | NFKD | null (off)
+    strip_control: bool = True              # drop control chars except \n and \t
+    collapse_whitespace: bool = True        # runs of spaces/tabs -> one space; keep newlines
+    strip: bool = True                      # trim both ends
+
+
+@dataclass
+class DataConf:
+    """conf/data/*.yaml: the input corpus and how preprocess reads and clusters it."""
+    path: Optional[str] = None              # file or directory; jsonl | parquet | text
+    format: str = "jsonl"                   # jsonl | parquet | text (one prompt a line, id = line number)
+    id_column: str = "id"
+    text_column: str = "prompt"
+    clean: CleanConf = field(default_factory=CleanConf)
+    max_chars: int = 100_000                # longer rows are quarantined before tokenizing
+    template: Optional[str] = None          # e.g. "Q: {text}\nA:"; null = the text as is
+    chat_template: bool = False             # wrap the text as one user turn of the tokenizer's template
+    sort_by_length: bool = True             # range-partition on token count, sort inside partitions
+    num_partitions: int = 0                 # 0 = spark.default.parallelism
+    limit: int = 0                          # 0 = all rows (demo/tests: the first N)
+
+
+@dataclass
+class SparkConf:
+    """conf/spark/*.yaml: where the job runs and what each task holds."""
+    master: str = "local[*]"
+    app_name: str = "spark-llm-batch"
+    deploy_mode: str = "client"
+    driver_memory: str = "2g"
+    executor_memory: str = "2g"
+    executor_cores: int = 1
+    executor_instances: Optional[int] = None    # yarn/k8s: executors to ask for
+    task_cpus: int = 1                      # cores a generate task holds = torch threads
+    task_max_failures: int = 4              # attempts per task (local[N,F] on local masters)
+    log_level: str = "WARN"
+    conf: Dict[str, str] = field(default_factory=dict)   # any other spark.* setting, verbatim
+
+
+@dataclass
+class MlflowConf:
+    """conf/mlflow/*.yaml: where runs are tracked."""
+    enabled: bool = True
+    tracking_uri: str = "sqlite:///mlflow.db"
+    experiment: str = "spark-llm-batch"
+    run_name: Optional[str] = None
+
+
+@dataclass
+class FaultConf:
+    """Fault injection for the exactly-once tests: the task of partition K raises on its
+    first attempt only, so Spark's retry must produce the same rows."""
+    fail_partition: int = -1                # -1 = off
+    stage: str = "generate"                 # preprocess | generate
+
+
+# Top-level keys. `in` is a Python keyword, so the root schema is a DictConfig holding the
+# typed group nodes rather than one dataclass.
+ROOT_KEYS: dict[str, Any] = {
+    "in": None,                 # jobs.generate: the preprocess output directory
+    "out": "outputs/run",       # job output directory
+    "resume": False,            # skip ids already in out/results (out/quarantine)
+    "overwrite": False,         # replace an existing output instead of refusing
+    "chunk_rows": 256,          # rows per generate call inside a partition
+    "fault": OmegaConf.structured(FaultConf),
+}
+
+
+def root_schema() -> DictConfig:
+    return OmegaConf.create({
+        "model": OmegaConf.structured(ModelConf),
+        "data": OmegaConf.structured(DataConf),
+        "generation": OmegaConf.structured(GenerationConf),
+        "spark": OmegaConf.structured(SparkConf),
+        "mlflow": OmegaConf.structured(MlflowConf),
+        **ROOT_KEYS,
+    })
+
+
+def register() -> None:
+    """conf/config.yaml lists `job_schema` first in its defaults."""
+    ConfigStore.instance().store(name="job_schema", node=root_schema())
+
+
+register()
+
+
+# ---------------------------------------------------------------------- validation
+
+DTYPES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16", "half")
+FORMATS = ("jsonl", "parquet", "text")
+UNICODE_FORMS = ("NFC", "NFKC", "NFD", "NFKD")
+
+
+def _check(key: str, ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(key, message)
+
+
+def generation_params(gen_cfg):
+    """libinfer.GenerationParams of the `generation` group; ParamError -> ConfigError."""
+    from libinfer import GenerationParams, ParamError
+    values = OmegaConf.to_container(gen_cfg, resolve=True) if isinstance(gen_cfg, DictConfig) else dict(gen_cfg)
+    try:
+        return GenerationParams.from_dict(values)
+    except ParamError as e:
+        raise ConfigError(f"generation.{e.field}", str(e).split(": ", 1)[-1]) from None
+
+
+def validate(cfg) -> None:
+    """Check the values the types cannot; raises ConfigError naming the key."""
+    if "model" in cfg:
+        m = cfg.model
+        _check("model.dtype", m.dtype in DTYPES, f"must be one of {', '.join(DTYPES)} (got {m.dtype!r})")
+        _check("model.device", m.device == "cpu" or m.device.startswith("cuda"),
+               f"must be cpu, cuda or cuda:N (got {m.device!r})")
+        for k in ("tp_size", "max_batch_size", "max_batch_tokens"):
+            _check(f"model.{k}", m[k] >= 1, f"must be >= 1 (got {m[k]})")
+        _check("model.kv_cache_gb", m.kv_cache_gb > 0, f"must be > 0 (got {m.kv_cache_gb})")
+    if "generation" in cfg:
+        generation_params(cfg.generation)
+    if "data" in cfg:
+        d = cfg.data
+        _check("data.format", d.format in FORMATS, f"must be one of {', '.join(FORMATS)} (got {d.format!r})")
+        _check("data.clean.unicode_form", d.clean.unicode_form is None or d.clean.unicode_form in UNICODE_FORMS,
+               f"must be one of {', '.join(UNICODE_FORMS)} or null (got {d.clean.unicode_form!r})")
+        _check("data.max_chars", d.max_chars >= 1, f"must be >= 1 (got {d.max_chars})")
+        _check("data.num_partitions", d.num_partitions >= 0, f"must be >= 0 (got {d.num_partitions})")
+        _check("data.limit", d.limit >= 0, f"must be >= 0 (got {d.limit})")
+        if d.template is not None:
+            _check("data.template", "{text}" in d.template, f"must contain {{text}} (got {d.template!r})")
+    if "spark" in cfg:
+        s = cfg.spark
+        _check("spark.master", bool(s.master), "must be set (local[*], spark://host:port, yarn, k8s://...)")
+        _check("spark.task_cpus", s.task_cpus >= 1, f"must be >= 1 (got {s.task_cpus})")
+        _check("spark.executor_cores", s.executor_cores >= s.task_cpus,
+               f"must be >= spark.task_cpus ({s.executor_cores} < {s.task_cpus})")
+        _check("spark.task_max_failures", s.task_max_failures >= 1, f"must be >= 1 (got {s.task_max_failures})")
+    if "chunk_rows" in cfg:
+        _check("chunk_rows", cfg.chunk_rows >= 1, f"must be >= 1 (got {cfg.chunk_rows})")
+
+
+def field_names(conf_cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(conf_cls)]
