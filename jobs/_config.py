@@ -127,6 +127,7 @@ class FaultConf:
     first attempt only, so Spark's retry must produce the same rows."""
     fail_partition: int = -1                # -1 = off
     stage: str = "generate"                 # preprocess | generate
+    attempts: int = 1                       # attempts that fail (>= spark.task_max_failures: the job fails)
 
 
 # Top-level keys. `in` is a Python keyword, so the root schema is a DictConfig holding the
@@ -137,6 +138,7 @@ ROOT_KEYS: dict[str, Any] = {
     "resume": False,            # skip ids already in out/results (out/quarantine)
     "overwrite": False,         # replace an existing output instead of refusing
     "chunk_rows": 256,          # rows per generate call inside a partition
+    "waves": 1,                 # generate commits its output in this many steps (resume granularity)
     "fault": OmegaConf.structured(FaultConf),
 }
 
@@ -182,8 +184,17 @@ def generation_params(gen_cfg):
         raise ConfigError(f"generation.{e.field}", str(e).split(": ", 1)[-1]) from None
 
 
+GROUPS = {"model": ModelConf, "data": DataConf, "generation": GenerationConf, "spark": SparkConf,
+          "mlflow": MlflowConf, "fault": FaultConf}
+
+
 def validate(cfg) -> None:
     """Check the values the types cannot; raises ConfigError naming the key."""
+    for group, conf_cls in GROUPS.items():     # `+group.key=...` appends past the schema
+        if group in cfg:
+            extra = sorted(set(cfg[group]) - set(field_names(conf_cls)))
+            if extra:
+                raise ConfigError(f"{group}.{extra[0]}", f"unknown key; known: {', '.join(field_names(conf_cls))}")
     if "model" in cfg:
         m = cfg.model
         _check("model.dtype", m.dtype in DTYPES, f"must be one of {', '.join(DTYPES)} (got {m.dtype!r})")
@@ -211,6 +222,8 @@ def validate(cfg) -> None:
         _check("spark.executor_cores", s.executor_cores >= s.task_cpus,
                f"must be >= spark.task_cpus ({s.executor_cores} < {s.task_cpus})")
         _check("spark.task_max_failures", s.task_max_failures >= 1, f"must be >= 1 (got {s.task_max_failures})")
+    if "waves" in cfg:
+        _check("waves", cfg.waves >= 1, f"must be >= 1 (got {cfg.waves})")
     if "chunk_rows" in cfg:
         _check("chunk_rows", cfg.chunk_rows >= 1, f"must be >= 1 (got {cfg.chunk_rows})")
 

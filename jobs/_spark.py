@@ -1,0 +1,252 @@
+"""Spark glue shared by the jobs: the session from the `spark` group, output directories
+committed atomically through Hadoop's FileSystem, executor-side caches (tokenizer,
+generator), fault injection for the exactly-once tests, and the entry-point wrapper that
+turns a bad path or config into one clear line and a non-zero exit."""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import re
+import sys
+import time
+import traceback
+import uuid
+
+log = logging.getLogger("jobs")
+
+
+class JobError(RuntimeError):
+    """A problem the user can fix (a path, an existing output); printed as one line."""
+
+
+# ------------------------------------------------------------------ entry points
+
+def entry_point(fn):
+    """Wrap a Hydra task function: expected errors become `error: ...` and exit 2;
+    anything else prints its traceback and a last line saying what failed, exit 1."""
+    @functools.wraps(fn)
+    def wrapper(cfg):
+        from libinfer import ModelLoadError
+        from ._config import ConfigError
+        try:
+            return fn(cfg)
+        except (JobError, ConfigError, ModelLoadError, FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            print("error: interrupted", file=sys.stderr)
+            sys.exit(130)
+        except Exception as e:  # noqa: BLE001 - the last line must say what failed
+            traceback.print_exc()
+            first = (str(e).strip().splitlines() or [""])[0][:500]
+            print(f"error: {fn.__module__} failed: {type(e).__name__}: {first}", file=sys.stderr)
+            sys.exit(1)
+    return wrapper
+
+
+def progress(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ----------------------------------------------------------------------- session
+
+def _local_with_retries(master: str, max_failures: int) -> str:
+    """local masters do not retry failed tasks unless asked: local[N] -> local[N,F]."""
+    if master == "local":
+        return f"local[1,{max_failures}]"
+    m = re.fullmatch(r"local\[([0-9]+|\*)\]", master)
+    return f"local[{m.group(1)},{max_failures}]" if m else master
+
+
+def session(cfg, app_suffix: str = ""):
+    """The SparkSession of the `spark` config group (reuses one that spark-submit started)."""
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    from pyspark.sql import SparkSession
+    s = cfg.spark
+    b = SparkSession.builder.appName(s.app_name + app_suffix)
+    b = b.master(_local_with_retries(s.master, s.task_max_failures))
+    settings = {
+        "spark.submit.deployMode": s.deploy_mode,
+        "spark.driver.memory": s.driver_memory,
+        "spark.executor.memory": s.executor_memory,
+        "spark.executor.cores": str(s.executor_cores),
+        "spark.task.cpus": str(s.task_cpus),
+        "spark.task.maxFailures": str(s.task_max_failures),
+        # One Python worker per task slot lives across tasks: the model is loaded once in it.
+        "spark.python.worker.reuse": "true",
+        "spark.executorEnv.PYSPARK_PYTHON": os.environ["PYSPARK_PYTHON"],
+        "spark.sql.execution.arrow.pyspark.enabled": "true",
+        # Read each clustered Parquet file as its own partition (never pack clusters together).
+        "spark.sql.files.openCostInBytes": str(128 * 2**20),
+        "spark.sql.session.timeZone": "UTC",
+        "spark.ui.showConsoleProgress": "true",
+    }
+    if s.executor_instances:
+        settings["spark.executor.instances"] = str(s.executor_instances)
+    settings.update({k: str(v) for k, v in s.conf.items()})
+    for k, v in settings.items():
+        b = b.config(k, v)
+    spark = b.getOrCreate()
+    spark.sparkContext.setLogLevel(s.log_level)
+    return spark
+
+
+# ------------------------------------------------------------------------ output
+
+class Output:
+    """Files under one output directory through Hadoop's FileSystem (file://, hdfs://, ...).
+
+    A dataset directory (results/, quarantine/, clustered/) only ever receives whole Parquet
+    files, moved in from a staging directory after Spark's committer finished the write (so
+    a failed or retried task never leaves a file there), and `_SUCCESS` when the job is done.
+    """
+
+    def __init__(self, spark, root: str):
+        jvm = spark._jvm
+        self._jvm, self.spark = jvm, spark
+        self.root = root.rstrip("/")
+        self._Path = jvm.org.apache.hadoop.fs.Path
+        self.fs = self._Path(self.root).getFileSystem(spark._jsc.hadoopConfiguration())
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def exists(self, *parts: str) -> bool:
+        return self.fs.exists(self._Path(self.path(*parts)))
+
+    def delete(self, *parts: str) -> None:
+        self.fs.delete(self._Path(self.path(*parts)), True)
+
+    def data_files(self, *parts: str) -> list[str]:
+        p = self._Path(self.path(*parts))
+        if not self.fs.exists(p):
+            return []
+        return sorted(st.getPath().getName() for st in self.fs.listStatus(p)
+                      if st.isFile() and not st.getPath().getName().startswith(("_", ".")))
+
+    def has_data(self, *parts: str) -> bool:
+        return bool(self.data_files(*parts))
+
+    def complete(self, name: str) -> bool:
+        return self.exists(name, "_SUCCESS")
+
+    def mark_complete(self, name: str) -> None:
+        self.fs.mkdirs(self._Path(self.path(name)))
+        self.fs.create(self._Path(self.path(name, "_SUCCESS")), True).close()
+
+    def unmark_complete(self, name: str) -> None:
+        if self.exists(name, "_SUCCESS"):
+            self.delete(name, "_SUCCESS")
+
+    def commit(self, df, name: str) -> int:
+        """Write `df` as Parquet into dataset `name`: Spark writes it to a staging dir,
+        then its files are moved in. Returns the number of files moved."""
+        staging = self.path("_staging", f"{name}-{uuid.uuid4().hex[:12]}")
+        try:
+            df.write.mode("errorifexists").parquet(staging)
+            self.fs.mkdirs(self._Path(self.path(name)))
+            moved = 0
+            for st in self.fs.listStatus(self._Path(staging)):
+                fname = st.getPath().getName()
+                if st.isFile() and not fname.startswith(("_", ".")):
+                    if not self.fs.rename(st.getPath(), self._Path(self.path(name, fname))):
+                        raise JobError(f"cannot move {fname} into {self.path(name)}")
+                    moved += 1
+            return moved
+        finally:
+            self.fs.delete(self._Path(staging), True)
+            staging_root = self._Path(self.path("_staging"))
+            if self.fs.exists(staging_root) and not self.fs.listStatus(staging_root):
+                self.fs.delete(staging_root, True)
+
+    def read(self, name: str):
+        """The committed rows of dataset `name` (None when it has no files yet)."""
+        if not self.has_data(name):
+            return None
+        return self.spark.read.parquet(self.path(name))
+
+
+def prepare_output(out: Output, names: list[str], resume: bool, overwrite: bool) -> None:
+    """Refuse to mix a new run into an existing output unless resume/overwrite says how."""
+    existing = [n for n in names if out.has_data(n)]
+    if existing and overwrite and not resume:
+        for n in names:
+            out.delete(n)
+    elif existing and not resume:
+        raise JobError(f"{out.path(existing[0])} already holds output; pass resume=true to finish it "
+                       f"or overwrite=true to replace it")
+    for n in names:
+        out.unmark_complete(n)
+
+
+# ------------------------------------------------------------ executor side state
+
+_CACHE: dict[str, object] = {}   # per Python worker process: tokenizers, generators
+
+
+def model_key(model_dict: dict) -> str:
+    return json.dumps(model_dict, sort_keys=True, default=str)
+
+
+def worker_tokenizer(model_dict: dict):
+    """(tokenizer, context length) of the model, built once per Python worker."""
+    key = "tok:" + model_key(model_dict)
+    if key not in _CACHE:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        from libinfer import Checkpoint
+        from omegaconf import OmegaConf
+        from ._model import ensure_model
+        m = OmegaConf.create(model_dict)
+        ensure_model(m)
+        ckpt = Checkpoint.open(m.path, m.gguf_file)
+        _CACHE[key] = (ckpt.load_tokenizer(), ckpt.config.max_position)
+    return _CACHE[key]
+
+
+def worker_generator(model_dict: dict, threads: int):
+    """The Generator of this Python worker, built on first use and kept for later tasks
+    (like predict_batch_udf's model cache); returns (generator, load seconds or 0 if cached)."""
+    import torch
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    key = "gen:" + model_key(model_dict)
+    if key in _CACHE:
+        return _CACHE[key], 0.0
+    from omegaconf import OmegaConf
+    from ._model import build_generator
+    t0 = time.perf_counter()
+    gen = build_generator(OmegaConf.create(model_dict))
+    _CACHE[key] = gen
+    return gen, time.perf_counter() - t0
+
+
+def maybe_fail(fault: dict, stage: str, part: int) -> None:
+    """Fault injection: the task of partition `fault.fail_partition` raises on its first
+    `fault.attempts` attempts, so Spark's retry (or a resumed run) has to make up for it."""
+    if fault.get("stage") != stage or fault.get("fail_partition", -1) != part:
+        return
+    from pyspark import TaskContext
+    ctx = TaskContext.get()
+    attempt = ctx.attemptNumber() if ctx else 0
+    if attempt < fault.get("attempts", 1):
+        raise RuntimeError(f"injected fault: {stage} partition {part}, attempt {attempt}")
+
+
+# ------------------------------------------------------------------- measurements
+
+def batch_padding(lengths, batch_size: int) -> tuple[int, int]:
+    """(real, padded-total) tokens when `lengths` are cut, in order, into batches of
+    `batch_size` rows, each padded to its longest row."""
+    real = total = 0
+    lengths = list(lengths)
+    for i in range(0, len(lengths), batch_size):
+        b = lengths[i:i + batch_size]
+        real += sum(b)
+        total += len(b) * max(b)
+    return real, total
+
+
+def waste(real: int, total: int) -> float:
+    return 1.0 - real / total if total else 0.0

@@ -1,0 +1,270 @@
+"""jobs.generate: run our generator over length-clustered partitions.
+
+    python -m jobs.generate in=DIR out=DIR2 generation=test1 model=smollm2_135m
+
+Reads DIR/clustered/ (written by jobs.preprocess). Each Python worker builds the model
+once and keeps it for every later task (like predict_batch_udf); each partition is fed
+to it in its stored, length-sorted order, `chunk_rows` rows per call, and the generator
+batches neighbouring lengths under its token budget. Writes DIR2/results/ (id, prompt,
+completions, finish_reasons, n_prompt_tokens, n_generated_tokens) and DIR2/quarantine/
+(id, row, stage, reason, raw; preprocess' quarantine is carried over), then `_SUCCESS`.
+Output is deterministic (greedy, or seeded per prompt), so a retried task or a resumed
+run regenerates identical rows.
+"""
+from __future__ import annotations
+
+if not __package__:  # run as a file (spark-submit jobs/generate.py): import as jobs.*
+    import os as _os
+    import sys as _sys
+    _sys.path.insert(0, _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
+
+import dataclasses
+import json
+import os
+import random
+import time
+
+import hydra
+
+from jobs import _config
+from jobs._spark import JobError, Output, batch_padding, entry_point, maybe_fail, prepare_output, progress, waste
+
+OUT_SCHEMA = ("kind string, id string, prompt string, completions array<string>, finish_reasons array<string>, "
+              "n_prompt_tokens int, n_generated_tokens int, row long, reason string, metrics string")
+RESULT_COLUMNS = ["id", "prompt", "completions", "finish_reasons", "n_prompt_tokens", "n_generated_tokens"]
+INPUT_COLUMNS = ["id", "text", "token_ids", "n_tokens", "row"]
+
+
+def _generate_fn(model: dict, params: dict, threads: int, chunk_rows: int, fault: dict):
+    """The mapInPandas function: one partition through this worker's generator."""
+    def generate(batches):
+        import pandas as pd
+        import psutil
+        from pyspark import TaskContext
+        from libinfer import GenerationMetrics, GenerationParams
+        from jobs._spark import worker_generator
+        gp = GenerationParams.from_dict(params)
+        ctx = TaskContext.get()
+        state = {"gen": None, "load_s": 0.0, "metrics": GenerationMetrics(), "real": 0, "total": 0, "rows": 0,
+                 "part": None, "t0": time.perf_counter()}
+
+        def run(chunk):
+            if state["gen"] is None:
+                state["gen"], state["load_s"] = worker_generator(model, threads)
+            gen = state["gen"]
+            prompts = [[int(t) for t in ids] for ids in chunk["token_ids"]]
+            try:
+                res = gen.generate(prompts, gp)
+            except Exception:  # noqa: BLE001 - isolate the row that breaks the call
+                res = None
+            outs = []
+            if res is not None:
+                state["metrics"] = state["metrics"].merge(res.metrics)
+                outs = list(res)
+            else:
+                for p in prompts:
+                    try:
+                        one = gen.generate([p], gp)
+                        state["metrics"] = state["metrics"].merge(one.metrics)
+                        outs.append(one[0])
+                    except Exception as e:  # noqa: BLE001
+                        outs.append(type("Failed", (), {"error": f"generator error: {type(e).__name__}: {e}",
+                                                        "outputs": [], "prompt_token_ids": p})())
+            ok_lengths = [len(r.prompt_token_ids) for r in outs if r.error is None]
+            real, total = batch_padding(ok_lengths, gen.max_batch_size)
+            state["real"] += real
+            state["total"] += total
+            state["rows"] += len(outs)
+            rows = []
+            for r, rid, text, row in zip(outs, chunk["id"], chunk["text"], chunk["row"]):
+                if r.error is None:
+                    rows.append(("result", rid, text, [o.text for o in r.outputs], [o.finish_reason for o in r.outputs],
+                                 len(r.prompt_token_ids), sum(len(o.token_ids) for o in r.outputs), int(row), None, None))
+                else:
+                    rows.append(("quarantine", rid, None, None, None, None, None, int(row), r.error, text))
+            return pd.DataFrame(rows, columns=[c.split()[0] for c in OUT_SCHEMA.split(", ")])
+
+        pending = []
+        for pdf in batches:
+            if pdf.empty:
+                continue
+            if state["part"] is None:
+                state["part"] = int(pdf["part"].iloc[0])
+                maybe_fail(fault, "generate", state["part"])
+            pending.append(pdf)
+            while sum(len(p) for p in pending) >= chunk_rows:
+                whole = pd.concat(pending, ignore_index=True)
+                pending = [whole.iloc[chunk_rows:]]
+                yield run(whole.iloc[:chunk_rows])
+        if pending and sum(len(p) for p in pending):
+            yield run(pd.concat(pending, ignore_index=True))
+        if state["part"] is None:
+            return   # an empty partition: no model, no metrics
+        m = dataclasses.asdict(state["metrics"])
+        m.update(load_s=state["load_s"], batch_real=state["real"], batch_total=state["total"], rows=state["rows"],
+                 part=state["part"], pid=os.getpid(), attempt=ctx.attemptNumber() if ctx else 0,
+                 task_s=time.perf_counter() - state["t0"], rss_bytes=psutil.Process().memory_info().rss,
+                 threads=threads)
+        yield pd.DataFrame([("metrics", None, None, None, None, None, None, None, None, json.dumps(m))],
+                           columns=[c.split()[0] for c in OUT_SCHEMA.split(", ")])
+    return generate
+
+
+def resolve_params(cfg) -> dict:
+    """GenerationParams as a dict; a sampled run without a seed gets one now, so that a
+    retried task (and the log) sees the same seed as the first attempt."""
+    params = _config.generation_params(cfg.generation).to_dict()
+    if params["seed"] is None and not (params["greedy"] or params["temperature"] == 0):
+        params["seed"] = random.getrandbits(31)
+    return params
+
+
+def read_clustered(spark, in_dir: str):
+    from pyspark.errors import AnalysisException
+    src = Output(spark, in_dir)
+    path = src.path("clustered") if src.exists("clustered") else in_dir
+    if not src.exists():
+        raise JobError(f"in: {in_dir} does not exist (run jobs.preprocess out={in_dir} first)")
+    if src.exists("clustered") and not src.complete("clustered"):
+        raise JobError(f"{path} is incomplete (no _SUCCESS): rerun jobs.preprocess")
+    try:
+        df = spark.read.parquet(path)
+    except AnalysisException as e:
+        raise JobError(f"in: cannot read {path} as Parquet: {str(e).splitlines()[0]}") from None
+    missing = [c for c in INPUT_COLUMNS if c not in df.columns]
+    if missing:
+        raise JobError(f"in: {path} is not a jobs.preprocess output (no column '{missing[0]}')")
+    return src, df.select(*INPUT_COLUMNS)
+
+
+def summarize(metric_rows: list[dict], wall_s: float) -> dict:
+    """Job metrics from the per-partition metrics rows."""
+    import numpy as np
+    if not metric_rows:
+        return {"wall_s": wall_s, "rows": 0, "generated_tokens": 0}
+    total = lambda k: sum(m[k] for m in metric_rows)  # noqa: E731
+    lat = [x for m in metric_rows for x in m["latencies_s"]]
+    ttft = [x for m in metric_rows for x in m["ttft_s"]]
+    loads = [m["load_s"] for m in metric_rows if m["load_s"] > 0]
+    peaks: dict[int, int] = {}
+    for m in metric_rows:
+        peaks[m["pid"]] = max(peaks.get(m["pid"], 0), m["peak_memory_bytes"], m["rss_bytes"])
+    gen_tokens, real_pad = total("generated_tokens"), total("real_tokens") + total("padded_tokens")
+    prefill, decode = total("prefill_s"), total("decode_s")
+    return {
+        "wall_s": wall_s, "partitions": len(metric_rows), "rows": total("rows") - total("n_rejected"),
+        "rows_rejected": total("n_rejected"), "prompt_tokens": total("prompt_tokens"),
+        "generated_tokens": gen_tokens, "tokens_per_s": gen_tokens / wall_s if wall_s else 0.0,
+        "rows_per_s": (total("rows") - total("n_rejected")) / wall_s if wall_s else 0.0,
+        "prompt_tokens_per_s": total("prompt_tokens") / wall_s if wall_s else 0.0,
+        "latency_p50_s": float(np.percentile(lat, 50)) if lat else 0.0,
+        "latency_p95_s": float(np.percentile(lat, 95)) if lat else 0.0,
+        "ttft_p50_s": float(np.percentile(ttft, 50)) if ttft else 0.0,
+        "padding_waste": waste(total("batch_real"), total("batch_total")),
+        "libinfer_padding_waste": total("padded_tokens") / real_pad if real_pad else 0.0,
+        "prefill_s": prefill, "decode_s": decode,
+        "prefill_share": prefill / (prefill + decode) if prefill + decode else 0.0,
+        "model_load_s": max(loads) if loads else 0.0, "model_loads": len(loads), "workers": len(peaks),
+        "peak_memory_bytes": max(peaks.values()), "peak_memory_bytes_mean": sum(peaks.values()) / len(peaks),
+        "task_attempts_retried": sum(1 for m in metric_rows if m["attempt"] > 0),
+    }
+
+
+def done_ids(out: Output):
+    """ids already in out/results or in generate's own quarantine rows (for resume)."""
+    from pyspark.sql import functions as F
+    parts = []
+    if out.has_data("results"):
+        parts.append(out.read("results").select("id"))
+    if out.has_data("quarantine"):
+        parts.append(out.read("quarantine").filter(F.col("stage") == "generate").select("id"))
+    if not parts:
+        return None
+    ids = parts[0]
+    for p in parts[1:]:
+        ids = ids.unionByName(p)
+    return ids.distinct()
+
+
+def run_generate(spark, cfg, in_dir: str, out: Output, resume: bool) -> dict:
+    from omegaconf import OmegaConf
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+    from jobs._model import ensure_model
+    ensure_model(cfg.model)   # a random-init test model is written here, not by racing workers
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    fault = OmegaConf.to_container(cfg.fault, resolve=True)
+    params = resolve_params(cfg)
+    src, df = read_clustered(spark, in_dir)
+    df = df.withColumn("part", F.spark_partition_id())     # the cluster's identity, before any filter
+    n_parts = df.rdd.getNumPartitions()
+    if src.root != out.root:      # carry preprocess' quarantine over, once
+        q_in = src.read("quarantine")
+        q_out = out.read("quarantine")
+        carried = q_out is not None and q_out.filter(F.col("stage") == "preprocess").limit(1).count() > 0
+        if q_in is not None and not carried:
+            out.commit(q_in, "quarantine")
+    if resume:
+        done = done_ids(out)
+        if done is not None:
+            df = df.join(F.broadcast(done), "id", "left_anti")   # broadcast: keeps the clusters' partitions
+    todo = df.count()
+    progress(f"generate: {todo} rows in {n_parts} partitions from {in_dir}"
+             + (" (resume: the rest are done)" if resume else ""))
+    fn = _generate_fn(model, params, cfg.spark.task_cpus, cfg.chunk_rows, fault)
+    t0 = time.perf_counter()
+    metric_rows: list[dict] = []
+    for w in range(cfg.waves):
+        wave = df.filter((F.col("part") * cfg.waves / n_parts).cast("int") == w) if cfg.waves > 1 else df
+        res = wave.mapInPandas(fn, OUT_SCHEMA).persist(StorageLevel.MEMORY_AND_DISK)
+        try:
+            out.commit(res.filter(F.col("kind") == "result").select(*RESULT_COLUMNS), "results")
+            out.commit(res.filter(F.col("kind") == "quarantine").select(
+                "id", "row", F.lit("generate").alias("stage"), "reason", F.col("prompt").alias("raw")), "quarantine")
+            metric_rows += [json.loads(r.metrics) for r in res.filter(F.col("kind") == "metrics").collect()]
+        finally:
+            res.unpersist()
+        if cfg.waves > 1:
+            progress(f"generate: wave {w + 1}/{cfg.waves} committed")
+    out.mark_complete("results")
+    out.mark_complete("quarantine")
+    metrics = summarize(metric_rows, time.perf_counter() - t0)
+    metrics["_params"] = params
+    progress(f"generate: {metrics['rows']} rows, {metrics['generated_tokens']} generated tokens in "
+             f"{metrics['wall_s']:.1f}s = {metrics.get('tokens_per_s', 0):.1f} tokens/s; padding waste "
+             f"{100 * metrics.get('padding_waste', 0):.1f}% (job batches), "
+             f"{100 * metrics.get('libinfer_padding_waste', 0):.1f}% (decode attention); "
+             f"model loads {metrics.get('model_loads', 0)} in {metrics.get('workers', 0)} workers")
+    progress(f"generate: results in {out.path('results')}, quarantine in {out.path('quarantine')}")
+    return metrics
+
+
+def log_generate(metrics: dict, prefix: str = "") -> None:
+    import mlflow
+    from jobs._tracking import log_metrics
+    log_metrics({k: v for k, v in metrics.items() if not k.startswith("_")}, prefix=prefix)
+    if mlflow.active_run() is not None and metrics["_params"].get("seed") is not None:
+        mlflow.set_tag("generation.seed_used", metrics["_params"]["seed"])
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base=None)
+@entry_point
+def main(cfg) -> None:
+    from jobs._spark import session
+    from jobs._tracking import mlflow_run, run_url
+    _config.validate(cfg)
+    if not cfg.get("in"):
+        raise JobError("in is not set: pass in=DIR (a jobs.preprocess output)")
+    spark = session(cfg, " generate")
+    out = Output(spark, cfg.out)
+    prepare_output(out, ["results", "quarantine"], resume=cfg.resume, overwrite=cfg.overwrite)
+    with mlflow_run(cfg, "generate") as run:
+        metrics = run_generate(spark, cfg, cfg["in"], out, cfg.resume)
+        if run is not None:
+            log_generate(metrics)
+            progress(run_url(run))
+    spark.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,294 @@
+"""jobs.preprocess: read a corpus, clean it, tokenize it with the model's tokenizer, and
+cluster it by token length, so that each partition holds prompts of similar length.
+
+    python -m jobs.preprocess data.path=IN.jsonl data.id_column=id data.text_column=prompt out=DIR
+
+Writes DIR/clustered/ (Parquet: id, text, token_ids, n_tokens, row; range-partitioned on
+n_tokens, longest partition first, sorted inside) and DIR/quarantine/ (id, row, stage,
+reason, raw) for rows that cannot be generated. Every input row lands in exactly one.
+"""
+from __future__ import annotations
+
+if not __package__:  # run as a file (spark-submit jobs/preprocess.py): import as jobs.*
+    import os as _os
+    import sys as _sys
+    _sys.path.insert(0, _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
+
+import json
+import math
+import re
+import time
+import unicodedata
+
+import hydra
+
+from jobs import _config
+from jobs._spark import JobError, Output, batch_padding, entry_point, maybe_fail, prepare_output, progress, waste
+
+PARSED_SCHEMA = ("row long, id string, text string, token_ids array<int>, n_tokens int, "
+                 "reason string, raw string")
+QUARANTINE_COLUMNS = ["id", "row", "stage", "reason", "raw"]
+
+# Control characters except tab and newline (prompts are few-shot blocks: newlines matter).
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_SPACES = re.compile(r"[^\S\n]+")          # whitespace runs other than newlines
+_SPACE_AROUND_NL = re.compile(r" ?\n ?")
+
+
+def clean_text(text: str, clean: dict) -> str:
+    if clean.get("unicode_form"):
+        text = unicodedata.normalize(clean["unicode_form"], text)
+    if clean.get("strip_control"):
+        text = _CONTROL.sub("", text)
+    if clean.get("collapse_whitespace"):
+        text = _SPACE_AROUND_NL.sub("\n", _SPACES.sub(" ", text.replace("\r\n", "\n").replace("\r", "\n")))
+    if clean.get("strip"):
+        text = text.strip()
+    return text
+
+
+def parse_record(value: bytes | None, row: int, data: dict) -> tuple[str | None, str | None, str | None, str | None]:
+    """One input record -> (id, text, reason, raw). `reason` is None for a usable row;
+    `raw` (the record as text) is kept only for quarantined rows."""
+    if value is None:
+        return None, None, "null record", None
+    try:
+        line = bytes(value).decode("utf-8")
+    except UnicodeDecodeError as e:
+        return None, None, f"invalid UTF-8 at byte {e.start}", bytes(value).decode("utf-8", "backslashreplace")
+    if data["format"] == "text":
+        return str(row), line, None, None
+    try:
+        rec = json.loads(line)
+    except ValueError as e:
+        return None, None, f"invalid JSON: {e}", line
+    if not isinstance(rec, dict):
+        return None, None, f"not a JSON object: {type(rec).__name__}", line
+    id_col, text_col = data["id_column"], data["text_column"]
+    rid = rec.get(id_col)
+    if isinstance(rid, bool) or not isinstance(rid, (str, int)) or (isinstance(rid, str) and not rid.strip()):
+        why = f"missing id (no '{id_col}' field)" if id_col not in rec else f"bad id {rid!r}: must be a string or integer"
+        return None, None, why, line
+    rid = str(rid)
+    text = rec.get(text_col)
+    if text is None:
+        return rid, None, f"null text (no '{text_col}' field)" if text_col not in rec else "null text", line
+    if not isinstance(text, str):
+        return rid, None, f"text is not a string: {type(text).__name__}", line
+    return rid, text, None, line
+
+
+def _prepare_fn(data: dict, model: dict, fault: dict):
+    """The mapInPandas function: parse, clean, template, tokenize, check lengths."""
+    def prepare(batches):
+        import pandas as pd
+        from pyspark import TaskContext
+        from jobs._spark import worker_tokenizer
+        ctx = TaskContext.get()
+        maybe_fail(fault, "preprocess", ctx.partitionId() if ctx else 0)
+        tok, context = worker_tokenizer(model)
+        for pdf in batches:
+            out = {k: [] for k in ("row", "id", "text", "reason", "raw")}
+            for row, value in zip(pdf["row"].tolist(), pdf["value"].tolist()):
+                rid, text, reason, raw = parse_record(value, row, data)
+                if reason is None:
+                    if len(text) > data["max_chars"]:
+                        reason = f"text too long: {len(text)} characters > data.max_chars={data['max_chars']}"
+                    else:
+                        text = clean_text(text, data["clean"])
+                        if not text:
+                            reason = "empty text (after cleaning)"
+                if reason is None:
+                    if data["template"]:
+                        text = data["template"].replace("{text}", text)
+                    if data["chat_template"]:
+                        text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                       add_generation_prompt=True)
+                out["row"].append(row)
+                out["id"].append(rid)
+                out["text"].append(text if reason is None else None)
+                out["reason"].append(reason)
+                out["raw"].append(None if reason is None else (raw if raw is not None else text))
+            ok = [i for i, r in enumerate(out["reason"]) if r is None]
+            ids = tok([out["text"][i] for i in ok]).input_ids if ok else []
+            token_ids, n_tokens = [None] * len(out["row"]), [None] * len(out["row"])
+            for i, t in zip(ok, ids):
+                if len(t) >= context:
+                    out["reason"][i] = f"prompt too long: {len(t)} tokens >= model context {context}"
+                    out["raw"][i], out["text"][i] = out["text"][i], None
+                else:
+                    token_ids[i], n_tokens[i] = list(t), len(t)
+            yield pd.DataFrame({**out, "token_ids": token_ids, "n_tokens": pd.array(n_tokens, dtype="Int32")})
+    return prepare
+
+
+def read_corpus(spark, data: dict):
+    """The corpus as (row, value): value is the record's bytes (a JSON object for jsonl and
+    parquet, the line for text); invalid UTF-8 stays visible as bytes."""
+    from pyspark.sql import functions as F
+    from pyspark.sql.window import Window
+    from pyspark.errors import AnalysisException
+    path, fmt = data["path"], data["format"]
+    if not path:
+        raise JobError("data.path is not set: pass data.path=FILE_OR_DIR")
+    try:
+        if fmt == "parquet":
+            df = spark.read.parquet(path)
+            missing = [c for c in (data["id_column"], data["text_column"]) if c not in df.columns]
+            if missing:
+                raise JobError(f"{path}: column '{missing[0]}' not found (columns: {', '.join(df.columns)}); "
+                               f"set data.id_column / data.text_column")
+            df = df.select(F.to_json(F.struct(*[F.col(f"`{c}`") for c in df.columns])).cast("binary").alias("value"))
+        else:
+            df = spark.read.text(path).select(F.col("value").cast("binary").alias("value"))
+    except AnalysisException as e:
+        msg = str(e).split("\n")[0]
+        if "PATH_NOT_FOUND" in msg or "does not exist" in msg:
+            raise JobError(f"data.path: {path} does not exist") from None
+        raise JobError(f"cannot read {path} as {fmt}: {msg}") from None
+    if fmt == "text":   # ids are line numbers: number the lines in file order
+        df = df.withColumn("_m", F.monotonically_increasing_id())
+        df = df.withColumn("row", F.row_number().over(Window.orderBy("_m")) - 1).drop("_m")
+    else:
+        df = df.withColumn("row", F.monotonically_increasing_id())
+    if fmt != "text":  # a blank line is no record (JSON lines allows them)
+        df = df.filter(F.length(F.trim(F.col("value").cast("string"))) > 0)
+    if data["limit"]:
+        df = df.orderBy("row").limit(data["limit"])
+    return df.select("row", "value")
+
+
+def n_partitions(spark, data: dict, n_rows: int, batch: int) -> int:
+    if data["num_partitions"]:
+        return data["num_partitions"]
+    # Several partitions per task slot (long clusters take longer: smaller pieces balance),
+    # but not so many that a partition holds less than a batch.
+    return max(1, min(4 * spark.sparkContext.defaultParallelism, math.ceil(n_rows / batch)))
+
+
+def cluster(df, parts: int, by_length: bool):
+    """Range-partition on token count (longest partition first, so the long tasks start
+    first) and sort inside each partition; or keep arrival order."""
+    from pyspark.sql import functions as F
+    if by_length:
+        return df.repartitionByRange(parts, F.desc("n_tokens"), "id").sortWithinPartitions("n_tokens", "id")
+    return df.repartitionByRange(parts, "row").sortWithinPartitions("row")
+
+
+def padding_of(df, batch: int) -> float:
+    """Padding waste of the batches a job forms: consecutive rows of each partition, in
+    order, cut into batches of `batch` rows, each padded to its longest row."""
+    def per_partition(batches):
+        import pandas as pd
+        lengths = [n for pdf in batches for n in pdf["n_tokens"].tolist()]
+        real, total = batch_padding(lengths, batch)
+        yield pd.DataFrame({"real": [real], "total": [total]})
+    rows = df.select("n_tokens").mapInPandas(per_partition, "real long, total long").collect()
+    return waste(sum(r.real for r in rows), sum(r.total for r in rows))
+
+
+def length_histogram(lengths_counts: list[tuple[int, int]], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    if lengths_counts:
+        xs, ws = zip(*lengths_counts)
+        ax.hist(xs, weights=ws, bins=min(50, max(5, len(xs))))
+    ax.set_xlabel("prompt tokens")
+    ax.set_ylabel("rows")
+    ax.set_title("Prompt length histogram")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def run_preprocess(spark, cfg, out: Output) -> dict:
+    """Preprocess into out/clustered and out/quarantine; returns the metrics."""
+    from omegaconf import OmegaConf
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+    from pyspark.sql.window import Window
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    fault = OmegaConf.to_container(cfg.fault, resolve=True)
+    t0 = time.perf_counter()
+    progress(f"preprocess: reading {data['path']} ({data['format']})")
+    raw = read_corpus(spark, data)
+    parsed = raw.mapInPandas(_prepare_fn(data, model, fault), PARSED_SCHEMA)
+    # Duplicate ids are ambiguous: every row that shares an id goes to quarantine.
+    n_same = F.when(F.col("id").isNotNull(), F.count(F.lit(1)).over(Window.partitionBy("id"))).otherwise(1)
+    parsed = parsed.withColumn("_n", n_same).withColumn(
+        "reason", F.when(F.col("reason").isNull() & (F.col("_n") > 1),
+                         F.format_string("duplicate id: %d rows have it", F.col("_n"))).otherwise(F.col("reason")))
+    parsed = parsed.drop("_n").persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        counts = {r["ok"]: r["count"] for r in parsed.groupBy(F.col("reason").isNull().alias("ok")).count().collect()}
+        n_ok, n_bad = counts.get(True, 0), counts.get(False, 0)
+        progress(f"preprocess: {n_ok + n_bad} rows read, {n_ok} usable, {n_bad} to quarantine")
+        good = parsed.filter(F.col("reason").isNull()).select("id", "text", "token_ids", "n_tokens", "row")
+        bad = parsed.filter(F.col("reason").isNotNull()).select(
+            "id", "row", F.lit("preprocess").alias("stage"), "reason", "raw")
+        parts = n_partitions(spark, data, n_ok, model["max_batch_size"])
+        clustered = cluster(good, parts, data["sort_by_length"])
+        out.commit(clustered, "clustered")
+        out.commit(bad, "quarantine")
+        out.mark_complete("clustered")
+        wall = time.perf_counter() - t0
+        hist = sorted((r["n_tokens"], r["count"]) for r in good.groupBy("n_tokens").count().collect())
+        batch = model["max_batch_size"]
+        clustered_back = spark.read.parquet(out.path("clustered"))
+        metrics = {
+            "rows_in": n_ok + n_bad, "rows_out": n_ok, "rows_quarantined": n_bad,
+            "prompt_tokens": sum(n * c for n, c in hist), "partitions": parts,
+            "wall_s": wall, "rows_per_s": (n_ok + n_bad) / wall if wall else 0.0,
+            "tokens_min": hist[0][0] if hist else 0, "tokens_max": hist[-1][0] if hist else 0,
+            # The batches generate forms from these partitions vs from arrival order.
+            "padding_waste": padding_of(clustered_back, batch),
+            "padding_waste_unsorted": padding_of(cluster(good.select("n_tokens", "row"), parts, False), batch),
+            "padding_waste_sorted": padding_of(cluster(good.select("n_tokens", "row", "id"), parts, True), batch),
+        }
+        metrics["_histogram"] = hist
+        progress(f"preprocess: {n_ok} rows -> {out.path('clustered')} ({parts} partitions), {n_bad} -> "
+                 f"{out.path('quarantine')}; {metrics['rows_per_s']:.1f} rows/s; padding waste of "
+                 f"{batch}-row batches {100 * metrics['padding_waste']:.1f}% "
+                 f"(sorted {100 * metrics['padding_waste_sorted']:.1f}%, "
+                 f"arrival order {100 * metrics['padding_waste_unsorted']:.1f}%)")
+        return metrics
+    finally:
+        parsed.unpersist()
+
+
+def log_preprocess(metrics: dict, prefix: str = "") -> None:
+    import os
+    import tempfile
+    import mlflow
+    from jobs._tracking import log_metrics
+    log_metrics({k: v for k, v in metrics.items() if not k.startswith("_")}, prefix=prefix)
+    if mlflow.active_run() is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, f"{prefix}length_histogram.png".replace(".", "_", prefix.count(".")))
+            length_histogram(metrics["_histogram"], path)
+            mlflow.log_artifact(path)
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base=None)
+@entry_point
+def main(cfg) -> None:
+    from jobs._spark import session
+    from jobs._tracking import mlflow_run, run_url
+    _config.validate(cfg)
+    spark = session(cfg, " preprocess")
+    out = Output(spark, cfg.out)
+    prepare_output(out, ["clustered", "quarantine"], resume=False, overwrite=cfg.overwrite or cfg.resume)
+    with mlflow_run(cfg, "preprocess") as run:
+        metrics = run_preprocess(spark, cfg, out)
+        out.mark_complete("quarantine")
+        if run is not None:
+            log_preprocess(metrics)
+            progress(run_url(run))
+    spark.stop()
+
+
+if __name__ == "__main__":
+    main()
