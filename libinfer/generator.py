@@ -222,7 +222,7 @@ class Generator:
             else:
                 metrics.n_rejected += 1
         if requests:
-            with PeakMemory(self.device) as peak:
+            with PeakMemory(self.device) as peak, torch.inference_mode():
                 self._run(requests, params, results, metrics, t_start)
             metrics.peak_memory_bytes = peak.peak
         metrics.wall_s = time.perf_counter() - t_start

@@ -173,7 +173,8 @@ def _gguf_tensors(reader, cfg: ModelConfig) -> Iterator[tuple[str, Callable[[], 
                 w = _unpermute_rope(w, cfg.n_heads)
             elif part == "attn_k":
                 w = _unpermute_rope(w, cfg.n_kv_heads)
-            return torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))
+            w = np.ascontiguousarray(w, dtype=np.float32)
+            return torch.from_numpy(w if w.flags.writeable else w.copy())
         return get
 
     for t in reader.tensors:

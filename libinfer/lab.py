@@ -1,0 +1,193 @@
+"""The performance lab's measurements, without Spark or MLflow (the talk, section 3).
+
+- `SIZES`: a ladder of random-initialised Llama-family shapes, each about 2x the
+  parameters of the one before (~35M to ~1.1B), plus real shapes to predict for.
+- `synthetic_prompts`: token-id prompts of exact lengths (fixed or spread), so input
+  length is an axis and not an accident of a tokenizer.
+- `Workload` + `measure`: one point of the study, run with `ignore_eos` so the number of
+  generated tokens is exactly what was asked (a model that emits EOS early would make
+  "latency vs output tokens" meaningless).
+"""
+from __future__ import annotations
+
+import gc
+import os
+import statistics
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .generator import Generator
+from .loading import ModelConfig
+from .params import GenerationParams
+
+# Width/depth ladder: every step ~2x parameters (tied 49,152-token embedding included).
+# Head dim 64 and grouped KV heads as in SmolLM2/Llama-3.
+SIZES: dict[str, dict] = {
+    "llama_35m": dict(hidden_size=384, n_layers=10, n_heads=6, n_kv_heads=2, intermediate_size=1024),
+    "llama_70m": dict(hidden_size=512, n_layers=15, n_heads=8, n_kv_heads=4, intermediate_size=1408),
+    "llama_140m": dict(hidden_size=640, n_layers=23, n_heads=10, n_kv_heads=5, intermediate_size=1792),
+    "llama_280m": dict(hidden_size=896, n_layers=26, n_heads=14, n_kv_heads=7, intermediate_size=2432),
+    "llama_560m": dict(hidden_size=1280, n_layers=29, n_heads=20, n_kv_heads=5, intermediate_size=3456),
+    "llama_1b": dict(hidden_size=1792, n_layers=30, n_heads=28, n_kv_heads=7, intermediate_size=4864),
+    # Real shapes (not built by default): named targets for the predictor.
+    "smollm2_360m": dict(hidden_size=960, n_layers=32, n_heads=15, n_kv_heads=5, intermediate_size=2560),
+    "smollm2_1.7b": dict(hidden_size=2048, n_layers=24, n_heads=32, n_kv_heads=32, intermediate_size=8192),
+    "llama_3b": dict(hidden_size=2560, n_layers=36, n_heads=40, n_kv_heads=8, intermediate_size=6912),
+}
+
+
+def size_config(name: str) -> ModelConfig:
+    """The ModelConfig a ladder name stands for (no weights needed)."""
+    from .random_model import llama_config
+    if name not in SIZES:
+        raise KeyError(f"unknown lab size {name!r}; known: {', '.join(SIZES)}")
+    return ModelConfig.from_hf(llama_config(**SIZES[name]))
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LIBINFER_CACHE", Path.home() / ".cache" / "libinfer"))
+
+
+def ensure_size_model(name: str, root: str | os.PathLike | None = None) -> Path:
+    """Write the random model `name` to `<root>/models/lab_<name>` once; returns the dir."""
+    from .random_model import save_random_model
+    out = Path(root or cache_dir()) / "models" / f"lab_{name}"
+    if not (out / "config.json").exists():
+        save_random_model(out, seed=0, **SIZES[name])
+    return out
+
+
+def model_facts(gen: Generator) -> dict[str, float]:
+    """Shape numbers the report and the predictor use as inputs."""
+    c = gen.config
+    elem = torch.empty((), dtype=gen.dtype).element_size()
+    return {"n_params": c.n_params, "n_layers": c.n_layers, "hidden_size": c.hidden_size,
+            "intermediate_size": c.intermediate_size, "vocab_size": c.vocab_size,
+            "kv_bytes_per_token": c.kv_bytes_per_token(gen.dtype), "dtype_bytes": elem,
+            "weight_bytes": c.n_params * elem}
+
+
+# ------------------------------------------------------------------ workloads
+
+def prompt_lengths(n: int, input_tokens: int, spread: float = 0.0, seed: int = 0) -> list[int]:
+    """n lengths with mean ~input_tokens: all equal (spread 0) or uniform in
+    [L(1-spread), L(1+spread)] - the mixed lengths of a real corpus."""
+    if spread <= 0:
+        return [input_tokens] * n
+    rng = np.random.default_rng(seed)
+    lo, hi = max(1, int(input_tokens * (1 - spread))), max(1, int(input_tokens * (1 + spread)))
+    return [int(x) for x in rng.integers(lo, hi + 1, size=n)]
+
+
+def synthetic_prompts(lengths: list[int], vocab_size: int, seed: int = 0) -> list[list[int]]:
+    """Random token ids (above the special-token range) of the given lengths."""
+    rng = np.random.default_rng(seed + 1)
+    low = min(1000, vocab_size // 2)
+    return [rng.integers(low, vocab_size, size=n).tolist() for n in lengths]
+
+
+@dataclass
+class Workload:
+    input_tokens: int
+    output_tokens: int
+    batch_size: int
+    n_prompts: int | None = None    # None = one batch (batch_size prompts)
+    input_spread: float = 0.0
+    sorted: bool = False            # order prompts by length before batching
+    batching: str = "static"        # static (the talk's fixed batches) | continuous
+    max_batch_tokens: int | None = None   # prefill tokens per step; None = the whole batch at once
+    seed: int = 0
+
+    @property
+    def prompts_count(self) -> int:
+        return self.n_prompts or self.batch_size
+
+    def params(self) -> dict:
+        d = asdict(self)
+        d["n_prompts"] = self.prompts_count
+        return d
+
+
+def release_cache(gen: Generator) -> None:
+    """Drop the engine's KV cache so the next point allocates (and is measured) afresh:
+    the cache only grows otherwise, and would inflate later points' peak memory."""
+    if hasattr(gen.runner, "cache"):
+        gen.runner.cache = None
+    gc.collect()
+    if gen.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def configure(gen: Generator, wl: Workload, prompt_lens: list[int], kv_cache_gb: float | None = None) -> None:
+    gen.max_batch_size = wl.batch_size
+    gen.static_batching = wl.batching == "static"
+    longest = max(prompt_lens)
+    gen.max_batch_tokens = wl.max_batch_tokens or max(wl.batch_size * longest, longest)
+    if kv_cache_gb is not None:
+        gen.kv_cache_gb = kv_cache_gb
+    else:  # never let the engine's cache budget shrink the batch we are measuring
+        per_slot = (longest + wl.output_tokens + 64) * gen.config.kv_bytes_per_token(gen.dtype)
+        gen.kv_cache_gb = max(gen.kv_cache_gb, 1.01 * wl.batch_size * per_slot / 2**30)
+
+
+def preallocate(gen: Generator, wl: Workload, longest: int) -> None:
+    """Allocate the KV cache the timed run will ask for (mirrors Generator._plan_cache)."""
+    if not hasattr(gen.runner, "allocate"):
+        return
+    max_len = min(-(-(longest + wl.output_tokens) // 64) * 64, gen.max_model_len)
+    by_budget = int(gen.kv_cache_gb * 2**30 // (max_len * gen.config.kv_bytes_per_token(gen.dtype)))
+    gen.runner.allocate(max(1, min(wl.batch_size, wl.prompts_count, by_budget)), max_len)
+
+
+def _run_once(gen: Generator, prompts, wl: Workload) -> dict[str, float]:
+    params = GenerationParams(out_seq_length=wl.output_tokens, greedy=True, ignore_eos=True)
+    res = gen.generate(prompts, params)
+    m = res.metrics
+    bad = [r.error for r in res if not r.ok]
+    if bad:
+        raise ValueError(f"{len(bad)} prompts rejected: {bad[0]}")
+    n = len(prompts)
+    out = m.summary()
+    out.update(
+        ttft_s=statistics.fmean(m.ttft_s) if m.ttft_s else float("nan"),
+        # every decode step emits one token for each running row
+        tpot_s=m.decode_s / m.decode_steps if m.decode_steps else float("nan"),
+        e2e_latency_s=statistics.fmean(m.latencies_s) if m.latencies_s else m.wall_s,
+        max_latency_s=max(m.latencies_s) if m.latencies_s else m.wall_s,
+        requests_per_s=n / m.wall_s if m.wall_s else 0.0,
+        exact_lengths=float(m.generated_tokens == n * wl.output_tokens),
+    )
+    return out
+
+
+def measure(gen: Generator, wl: Workload, repeats: int = 1, warm: bool = True,
+            kv_cache_gb: float | None = None) -> dict[str, float]:
+    """Run one point; returns flat metrics (medians over `repeats`).
+
+    warm: first run the same prompts with 2 output tokens, untimed, so the timed run does
+    not pay for the KV-cache allocation of this shape (the talk's warm-up lesson); the
+    cost is reported as `point_warmup_s`."""
+    lens = prompt_lengths(wl.prompts_count, wl.input_tokens, wl.input_spread, wl.seed)
+    prompts = synthetic_prompts(lens, gen.config.vocab_size, wl.seed)
+    if wl.sorted:
+        prompts.sort(key=len)
+    configure(gen, wl, lens, kv_cache_gb)
+    release_cache(gen)
+    extra = {"point_warmup_s": 0.0}
+    if warm:
+        warm_wl = Workload(**{**asdict(wl), "output_tokens": min(2, wl.output_tokens)})
+        extra["point_warmup_s"] = _run_once(gen, prompts, warm_wl)["wall_s"]
+        preallocate(gen, wl, max(lens))
+    runs = [_run_once(gen, prompts, wl) for _ in range(max(1, repeats))]
+    if len(runs) == 1:
+        out = runs[0]
+    else:
+        out = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+        out["peak_memory_bytes"] = max(r["peak_memory_bytes"] for r in runs)
+    out.update(extra)
+    out["mean_prompt_tokens"] = sum(lens) / len(lens)
+    out["max_prompt_tokens"] = max(lens)
+    return out
