@@ -81,6 +81,8 @@ def session(cfg, app_suffix: str = ""):
         # Read each clustered Parquet file as its own partition (never pack clusters together).
         "spark.sql.files.openCostInBytes": str(128 * 2**20),
         "spark.sql.session.timeZone": "UTC",
+        # Let adaptive execution shrink the 200 default shuffle partitions under cached plans too.
+        "spark.sql.optimizer.canChangeCachedPlanOutputPartitioning": "true",
         "spark.ui.showConsoleProgress": "true",
     }
     if s.executor_instances:

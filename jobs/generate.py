@@ -255,6 +255,8 @@ def main(cfg) -> None:
     _config.validate(cfg)
     if not cfg.get("in"):
         raise JobError("in is not set: pass in=DIR (a jobs.preprocess output)")
+    from jobs.preprocess import check_local_path
+    check_local_path("in", cfg["in"])
     spark = session(cfg, " generate")
     out = Output(spark, cfg.out)
     prepare_output(out, ["results", "quarantine"], resume=cfg.resume, overwrite=cfg.overwrite)

@@ -49,7 +49,9 @@ def main(cfg) -> None:
     from jobs._tracking import log_metrics, mlflow_run
     from jobs.generate import log_generate, run_generate
     from jobs.preprocess import log_preprocess, run_preprocess
+    from jobs.preprocess import check_local_path
     _config.validate(cfg)
+    check_local_path("data.path", cfg.data.path)
     t0 = time.perf_counter()
     spark = session(cfg, " pipeline")
     out = Output(spark, cfg.out)

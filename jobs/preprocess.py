@@ -66,9 +66,10 @@ def parse_record(value: bytes | None, row: int, data: dict) -> tuple[str | None,
         return None, None, f"not a JSON object: {type(rec).__name__}", line
     id_col, text_col = data["id_column"], data["text_column"]
     rid = rec.get(id_col)
-    if isinstance(rid, bool) or not isinstance(rid, (str, int)) or (isinstance(rid, str) and not rid.strip()):
-        why = f"missing id (no '{id_col}' field)" if id_col not in rec else f"bad id {rid!r}: must be a string or integer"
-        return None, None, why, line
+    if rid is None or (isinstance(rid, str) and not rid.strip()):
+        return None, None, f"missing id (null, empty or no '{id_col}' field)", line
+    if isinstance(rid, bool) or not isinstance(rid, (str, int)):
+        return None, None, f"bad id {rid!r}: must be a string or integer", line
     rid = str(rid)
     text = rec.get(text_col)
     if text is None:
@@ -212,9 +213,14 @@ def run_preprocess(spark, cfg, out: Output) -> dict:
     data = OmegaConf.to_container(cfg.data, resolve=True)
     model = OmegaConf.to_container(cfg.model, resolve=True)
     fault = OmegaConf.to_container(cfg.fault, resolve=True)
+    from jobs._model import ensure_model
+    ensure_model(cfg.model)   # a random-init test model is written here, not by racing workers
     t0 = time.perf_counter()
     progress(f"preprocess: reading {data['path']} ({data['format']})")
     raw = read_corpus(spark, data)
+    slots = spark.sparkContext.defaultParallelism
+    if raw.rdd.getNumPartitions() < slots:   # a small file is one split: tokenize on every slot
+        raw = raw.repartition(slots, "row")
     parsed = raw.mapInPandas(_prepare_fn(data, model, fault), PARSED_SCHEMA)
     # Duplicate ids are ambiguous: every row that shares an id goes to quarantine.
     n_same = F.when(F.col("id").isNotNull(), F.count(F.lit(1)).over(Window.partitionBy("id"))).otherwise(1)
@@ -243,11 +249,13 @@ def run_preprocess(spark, cfg, out: Output) -> dict:
             "prompt_tokens": sum(n * c for n, c in hist), "partitions": parts,
             "wall_s": wall, "rows_per_s": (n_ok + n_bad) / wall if wall else 0.0,
             "tokens_min": hist[0][0] if hist else 0, "tokens_max": hist[-1][0] if hist else 0,
-            # The batches generate forms from these partitions vs from arrival order.
+            # The batches generate forms from these partitions, and from the other order.
             "padding_waste": padding_of(clustered_back, batch),
-            "padding_waste_unsorted": padding_of(cluster(good.select("n_tokens", "row"), parts, False), batch),
-            "padding_waste_sorted": padding_of(cluster(good.select("n_tokens", "row", "id"), parts, True), batch),
         }
+        other = padding_of(cluster(good.select("n_tokens", "row", "id"), parts, not data["sort_by_length"]), batch)
+        mine = "sorted" if data["sort_by_length"] else "unsorted"
+        metrics[f"padding_waste_{mine}"] = metrics["padding_waste"]
+        metrics["padding_waste_unsorted" if mine == "sorted" else "padding_waste_sorted"] = other
         metrics["_histogram"] = hist
         progress(f"preprocess: {n_ok} rows -> {out.path('clustered')} ({parts} partitions), {n_bad} -> "
                  f"{out.path('quarantine')}; {metrics['rows_per_s']:.1f} rows/s; padding waste of "
@@ -272,12 +280,22 @@ def log_preprocess(metrics: dict, prefix: str = "") -> None:
             mlflow.log_artifact(path)
 
 
+def check_local_path(key: str, path: str | None) -> None:
+    """Fail before Spark starts when a local input path does not exist."""
+    if path and "://" not in path and not path.startswith("file:"):
+        import glob
+        import os
+        if not os.path.exists(path) and not glob.glob(path):
+            raise JobError(f"{key}: {path} does not exist")
+
+
 @hydra.main(config_path="../conf", config_name="config", version_base=None)
 @entry_point
 def main(cfg) -> None:
     from jobs._spark import session
     from jobs._tracking import mlflow_run, run_url
     _config.validate(cfg)
+    check_local_path("data.path", cfg.data.path)
     spark = session(cfg, " preprocess")
     out = Output(spark, cfg.out)
     prepare_output(out, ["clustered", "quarantine"], resume=False, overwrite=cfg.overwrite or cfg.resume)

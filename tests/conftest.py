@@ -41,3 +41,94 @@ def random_models(tmp_path_factory):
         "tied_headdim": save_random_model(root / "tied_headdim", seed=2, hidden_size=96, n_layers=2, n_heads=4,
                                           n_kv_heads=4, head_dim=32, intermediate_size=200, tie_embeddings=True),
     }
+
+
+# ----------------------------------------------------------------- Spark job fixtures
+
+JOB_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def job_cfg(*overrides: str):
+    """The jobs' composed Hydra config (conf/config.yaml) with overrides, validated."""
+    from hydra import compose, initialize_config_dir
+    from jobs import _config
+    with initialize_config_dir(config_dir=os.path.join(JOB_ROOT, "conf"), version_base=None):
+        cfg = compose("config", overrides=list(overrides))
+    _config.validate(cfg)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def job_env(tmp_path_factory):
+    """Environment for job subprocesses: a per-session model cache and MLflow store."""
+    root = tmp_path_factory.mktemp("jobs")
+    env = dict(os.environ, LIBINFER_CACHE=os.environ.get("LIBINFER_CACHE", str(root / "cache")),
+               HYDRA_RUN_ROOT=str(root / "hydra"), PYTHONUNBUFFERED="1")
+    os.environ.setdefault("LIBINFER_CACHE", env["LIBINFER_CACHE"])
+    return {"root": root, "env": env, "mlflow_uri": f"sqlite:///{root / 'mlflow.db'}"}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(job_env):
+    """The tiny random model config written once (workers only read it)."""
+    from jobs._model import ensure_model
+    cfg = job_cfg("model=tiny_random")
+    ensure_model(cfg.model)
+    return cfg.model
+
+
+@pytest.fixture(scope="session")
+def spark(job_env, tiny_model):
+    """One local[2] session (4 attempts per task) for the in-process job tests."""
+    from jobs._spark import session
+    s = session(job_cfg("spark=local2", "model=tiny_random"))
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def run_cfg(job_env, tmp_path):
+    """job_cfg for this test: tiny model, local[2], MLflow in the session store, out in tmp."""
+    def make(*overrides: str):
+        return job_cfg("model=tiny_random", "spark=local2", f"mlflow.tracking_uri={job_env['mlflow_uri']}",
+                       f"out={tmp_path / 'out'}", *overrides)
+    return make
+
+
+def write_jsonl(path, records) -> str:
+    """Write records (dicts, or bytes for a raw line) as JSON lines; returns the path."""
+    import json
+    with open(path, "wb") as f:
+        for r in records:
+            f.write((r if isinstance(r, bytes) else json.dumps(r).encode()) + b"\n")
+    return str(path)
+
+
+def mixed_corpus(n: int, seed: int = 0) -> list[dict]:
+    """n prompts of widely mixed lengths (about 10 to 400 tokens)."""
+    import random
+    rng = random.Random(seed)
+    words = "query search best cheap near review how to buy shoes bread coffee tea camera".split()
+    return [{"id": f"r{i:03d}", "prompt": " ".join(rng.choice(words) for _ in range(rng.choice([5, 20, 60, 150, 300])))}
+            for i in range(n)]
+
+
+def read_out(out_dir):
+    """(results, quarantine) DataFrames of a job output directory."""
+    import pandas as pd
+    res = os.path.join(out_dir, "results")
+    q = os.path.join(out_dir, "quarantine")
+    return (pd.read_parquet(res) if os.path.isdir(res) and any(not f.startswith(("_", ".")) for f in os.listdir(res))
+            else pd.DataFrame(columns=["id"]),
+            pd.read_parquet(q) if os.path.isdir(q) and any(not f.startswith(("_", ".")) for f in os.listdir(q))
+            else pd.DataFrame(columns=["id", "row", "reason"]))
+
+
+def assert_exactly_once(out_dir, input_ids: list) -> None:
+    """Every input id is in exactly one of results/quarantine, once; nothing else is there."""
+    from collections import Counter
+    res, q = read_out(out_dir)
+    seen = Counter(list(res["id"]) + [i for i in q["id"] if i is not None])
+    want = Counter(str(i) for i in input_ids if i is not None)
+    assert seen == want, (f"missing {sorted((want - seen).elements())[:10]} "
+                          f"extra/duplicate {sorted((seen - want).elements())[:10]}")

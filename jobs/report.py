@@ -1,0 +1,481 @@
+"""jobs.report: the talk's figures and tables from the lab's MLflow runs.
+
+    python -m jobs.report                         # every lab point of the experiment
+    python -m jobs.report sweep=<parent run id or name> out=reports/lab baseline="llama_140m cpu float32 tp1"
+
+Reads the point runs jobs.benchmark logged, writes PNG figures and Markdown/CSV tables to
+`out` and logs them (and the headline numbers as metrics) to one `report` run, nested
+under the sweep's parent when a sweep is given:
+
+  latency_vs_output_tokens.png   latency is proportional to generated tokens (batch 1)
+  memory_vs_tokens_x_batch.png   peak memory grows with input tokens x batch size
+  time_vs_model_size.png         + size_ratio.md: time ratio for a 2x larger model (talk: ~1.25x)
+  throughput_vs_batch.png        sorted vs unsorted (mixed lengths) as batch size grows
+  replay.png                     the real corpus, arrival order vs sorted
+  speedup.md                     relative speed normalised to a baseline config (= 1)
+  oom_table.md / .csv            batch size x config: latency or OOM
+  predictor.md / predictions.csv latency and memory fits, held-out error, named unseen sizes
+"""
+from __future__ import annotations
+
+import logging
+import re
+import math
+import statistics
+import sys
+import tempfile
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from jobs._config import ConfigError, MlflowConf
+
+log = logging.getLogger("jobs.report")
+
+
+@dataclass
+class PredictorConf:
+    enabled: bool = True
+    predict_sizes: List[str] = field(default_factory=lambda: ["smollm2_360m", "smollm2_1.7b", "llama_3b"])
+    workloads: List[str] = field(default_factory=lambda: ["128,32,1", "128,32,8", "512,64,16"])  # input,output,batch
+
+
+@dataclass
+class ReportConf:
+    mlflow: MlflowConf = MISSING
+    sweep: Optional[str] = None          # parent run id, run name or lab.sweep tag; null = the whole experiment
+    out: str = "reports/lab"
+    baseline: Optional[str] = None       # config label for the speed-up tables, e.g. "llama_140m cpu float32 tp1"
+    speedup_metric: str = "wall_s"
+    predictor: PredictorConf = field(default_factory=PredictorConf)
+
+
+ConfigStore.instance().store(name="report_schema", node=ReportConf)
+
+NUMERIC = ("n_params", "n_layers", "hidden_size", "intermediate_size", "vocab_size", "kv_bytes_per_token",
+           "dtype_bytes", "weight_bytes", "input_tokens", "output_tokens", "batch_size", "n_prompts", "tp_size",
+           "input_spread", "threads", "max_batch_tokens", "max_prompt_tokens", "seed")
+
+
+# ---------------------------------------------------------------------- loading
+
+def _coerce(params: dict) -> dict:
+    out = dict(params)
+    for k in NUMERIC:
+        if k in out and out[k] not in (None, "", "None"):
+            try:
+                out[k] = float(out[k])
+            except ValueError:
+                pass
+    if "sorted" in out:
+        out["sorted"] = str(out["sorted"]).lower() == "true"
+    return out
+
+
+def label(r: dict) -> str:
+    return f"{r.get('model')} {r.get('device')} {r.get('dtype')} tp{int(float(r.get('tp_size') or 1))}"
+
+
+def find_parent(client, exp_id: str, sweep: str) -> str:
+    """A parent run by id, by run name or by its lab.sweep tag."""
+    try:
+        return client.get_run(sweep).info.run_id
+    except Exception:
+        pass
+    for f in (f"attributes.run_name = '{sweep}'", f"tags.`lab.sweep` = '{sweep}'"):
+        runs = client.search_runs([exp_id], f"{f} and tags.`lab.role` = 'sweep'", max_results=1)
+        if runs:
+            return runs[0].info.run_id
+    raise ConfigError("sweep", f"no lab sweep with run id, name or tag {sweep!r} in this experiment")
+
+
+def load_points(tracking_uri: str, experiment: str, sweep: str | None) -> tuple[list[dict], str | None]:
+    """Every lab point run (params coerced to numbers, metrics as floats)."""
+    import mlflow
+    mlflow.set_tracking_uri(tracking_uri)
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise ConfigError("mlflow.experiment", f"no experiment {experiment!r} in {tracking_uri}")
+    parent = find_parent(client, exp.experiment_id, sweep) if sweep else None
+    flt = "tags.`lab.role` = 'point'" + (f" and tags.mlflow.parentRunId = '{parent}'" if parent else "")
+    runs, token = [], None
+    while True:
+        page = client.search_runs([exp.experiment_id], flt, max_results=1000, page_token=token)
+        runs += list(page)
+        token = page.token
+        if not token:
+            break
+    points = [{**_coerce(r.data.params), **r.data.metrics, "run_id": r.info.run_id} for r in runs]
+    return points, parent
+
+
+# --------------------------------------------------------------------- analysis
+
+def by(points, *keys) -> dict:
+    groups = defaultdict(list)
+    for p in points:
+        groups[tuple(p.get(k) for k in keys)].append(p)
+    return dict(sorted(groups.items(), key=lambda kv: tuple(str(x) for x in kv[0])))
+
+
+def single_points(points):
+    return [p for p in points if p.get("mode") == "single"]
+
+
+def size_ratios(points, metric: str = "wall_s") -> dict:
+    """Time ratio for a 2x larger model, from batch-1 points of at least two sizes.
+
+    Per workload (input, output tokens, device config): fit log2(time) = a + s log2(params);
+    2^s is the time ratio for doubling the parameters. Also each consecutive pair,
+    normalised to exactly 2x: (t2/t1)^(1/log2(P2/P1))."""
+    import numpy as np
+    rows, slopes = [], []
+    singles = [p for p in single_points(points) if p.get("n_params")]
+    for (i, o, dev, dt, tp), grp in by(singles, "input_tokens", "output_tokens", "device", "dtype", "tp_size").items():
+        per_size = {}
+        for p in grp:
+            per_size.setdefault(p["n_params"], []).append(p[metric])
+        if len(per_size) < 2:
+            continue
+        sizes = sorted(per_size)
+        t = [statistics.median(per_size[s]) for s in sizes]
+        s, _ = np.polyfit(np.log2(sizes), np.log2(t), 1)
+        slopes.append(s)
+        pairs = [(t[k + 1] / t[k]) ** (1 / math.log2(sizes[k + 1] / sizes[k])) for k in range(len(sizes) - 1)]
+        rows.append({"input_tokens": i, "output_tokens": o, "config": f"{dev} {dt} tp{int(tp or 1)}",
+                     "sizes_M": [round(x / 1e6) for x in sizes], "times_s": t, "ratio_2x_fit": 2 ** s,
+                     "ratio_2x_pairs": pairs})
+    overall = 2 ** statistics.median(slopes) if slopes else float("nan")
+    return {"rows": rows, "ratio_2x": overall}
+
+
+def size_ratio_markdown(sr: dict) -> str:
+    lines = ["## Time vs model size (batch 1)", "",
+             f"**A 2x larger model takes {sr['ratio_2x']:.2f}x the time** (median over workloads of 2^slope of "
+             "log2(time) vs log2(params); the talk saw ~1.25x on GPU).", "",
+             "| input | output | config | sizes (M params) | e2e times (s) | 2x ratio (fit) | 2x ratio per pair |",
+             "|---:|---:|---|---|---|---:|---|"]
+    for r in sr["rows"]:
+        lines.append(f"| {r['input_tokens']:.0f} | {r['output_tokens']:.0f} | {r['config']} | "
+                     f"{', '.join(map(str, r['sizes_M']))} | {', '.join(f'{t:.3f}' for t in r['times_s'])} | "
+                     f"{r['ratio_2x_fit']:.2f} | {', '.join(f'{x:.2f}' for x in r['ratio_2x_pairs'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def workload_key(p) -> str:
+    s = f"{p.get('mode')} in{p.get('input_tokens', 0):.0f} out{p.get('output_tokens', 0):.0f} b{p.get('batch_size', 0):.0f}"
+    if p.get("mode") in ("multi", "replay"):
+        s += " sorted" if p.get("sorted") else " unsorted"
+    return s
+
+
+def speedup_table(points, baseline: str | None, metric: str = "wall_s") -> tuple[str, str]:
+    """Markdown: rows workloads, columns configs, cells baseline_time / time (baseline = 1),
+    as the talk's 'V100x4 = 1' tables. Returns (markdown, baseline used)."""
+    pts = [p for p in points if p.get("mode") in ("single", "multi", "replay") and metric in p]
+    labels = sorted({label(p) for p in pts})
+    if not labels:
+        return "", ""
+    base = baseline if baseline in labels else None
+    if baseline and base is None:
+        matches = [lb for lb in labels if baseline in lb]
+        base = matches[0] if matches else None
+        if base is None:
+            raise ConfigError("baseline", f"{baseline!r} matches none of the configs: {', '.join(labels)}")
+    base = base or labels[0]
+    cells = defaultdict(dict)
+    for p in pts:
+        cells[workload_key(p)].setdefault(label(p), []).append(p[metric])
+    lines = [f"## Relative speed ({base} = 1; {metric}, higher is faster)", "",
+             "| workload | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
+    for wk in sorted(cells):
+        row = cells[wk]
+        if base not in row:
+            continue
+        b = statistics.median(row[base])
+        vals = [f"{b / statistics.median(row[lb]):.2f}" if lb in row else "-" for lb in labels]
+        lines.append(f"| {wk} | " + " | ".join(vals) + " |")
+    return "\n".join(lines) + "\n", base
+
+
+def throughput_summary(points) -> str:
+    """Sorted vs unsorted tokens/s per batch size (multi and replay points)."""
+    lines = ["## Throughput: sorted vs unsorted (generated tokens/s)", "",
+             "| mode | config | input | batch | unsorted | sorted | sorted/unsorted | padding unsorted | padding sorted |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    pts = [p for p in points if p.get("mode") in ("multi", "replay")]
+    for (mode, lb, i, b), grp in by([{**p, "label": label(p)} for p in pts],
+                                    "mode", "label", "input_tokens", "batch_size").items():
+        s = [p for p in grp if p.get("sorted")]
+        u = [p for p in grp if not p.get("sorted")]
+        if not s or not u:
+            continue
+        ts, tu = (statistics.median(x["tokens_per_s"] for x in g) for g in (s, u))
+        ps, pu = (statistics.median(x.get("padding_waste", 0) for x in g) for g in (s, u))
+        lines.append(f"| {mode} | {lb} | {i or 0:.0f} | {b or 0:.0f} | {tu:.1f} | {ts:.1f} | {ts / tu:.2f} | "
+                     f"{100 * pu:.0f}% | {100 * ps:.0f}% |")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------- figures
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def fig_latency_vs_output(points, path: Path) -> bool:
+    pts = single_points(points)
+    if not pts:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for (lb, i), grp in by([{**p, "label": label(p)} for p in pts], "label", "input_tokens").items():
+        grp = sorted(grp, key=lambda p: p["output_tokens"])
+        ax.plot([p["output_tokens"] for p in grp], [p["wall_s"] for p in grp], "o-", label=f"{lb}, in {i:.0f}")
+    ax.set(xlabel="generated tokens (ignore_eos)", ylabel="end-to-end latency (s)",
+           title="Latency vs generated tokens (batch 1)")
+    ax.grid(alpha=.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def fig_memory(points, path: Path) -> bool:
+    pts = [p for p in points if p.get("mode") in ("single", "multi", "oom") and "peak_memory_bytes" in p
+           and p.get("batch_size")]
+    if not pts:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for lb, grp in by([{**p, "label": label(p)} for p in pts], "label").items():
+        grp = sorted(grp, key=lambda p: p["input_tokens"] * p["batch_size"])
+        ax.plot([p["input_tokens"] * p["batch_size"] for p in grp], [p["peak_memory_bytes"] / 2**20 for p in grp],
+                "o", label=lb[0], alpha=.8)
+    ax.set(xscale="log", xlabel="input tokens x batch size", ylabel="peak memory (MiB)",
+           title="Peak memory vs input tokens x batch")
+    ax.grid(alpha=.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def fig_model_size(points, sr: dict, path: Path) -> bool:
+    if not sr["rows"]:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in sr["rows"]:
+        ax.plot(r["sizes_M"], r["times_s"], "o-",
+                label=f"in {r['input_tokens']:.0f} out {r['output_tokens']:.0f} {r['config']}: 2x -> {r['ratio_2x_fit']:.2f}x")
+    ax.set(xscale="log", yscale="log", xlabel="parameters (M)", ylabel="end-to-end latency (s)",
+           title=f"Time vs model size: 2x params -> {sr['ratio_2x']:.2f}x time (talk: ~1.25x)")
+    ax.grid(alpha=.3, which="both")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def fig_throughput(points, path: Path) -> bool:
+    pts = [p for p in points if p.get("mode") == "multi"]
+    if not pts:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for (lb, i, srt), grp in by([{**p, "label": label(p)} for p in pts], "label", "input_tokens", "sorted").items():
+        grp = sorted(grp, key=lambda p: p["batch_size"])
+        ax.plot([p["batch_size"] for p in grp], [p["tokens_per_s"] for p in grp], "o-" if srt else "s--",
+                label=f"{lb}, in ~{i:.0f}, {'sorted' if srt else 'unsorted'}")
+    ax.set(xscale="log", xlabel="batch size", ylabel="generated tokens/s", title="Throughput vs batch size")
+    ax.set_xscale("log", base=2)
+    ax.grid(alpha=.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def fig_replay(points, path: Path) -> bool:
+    pts = [p for p in points if p.get("mode") == "replay"]
+    if not pts:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    names = [f"{label(p)}\nb{p.get('batch_size', 0) or 0:.0f} {'sorted' if p.get('sorted') else 'unsorted'}"
+             f"\n{p.get('replay_via', '')}" for p in pts]
+    ax.bar(range(len(pts)), [p.get("tokens_per_s", 0) for p in pts],
+           color=["tab:green" if p.get("sorted") else "tab:gray" for p in pts])
+    ax.set_xticks(range(len(pts)), names, fontsize=6)
+    ax.set(ylabel="generated tokens/s", title="Real-corpus replay: arrival order vs sorted by length")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# -------------------------------------------------------------------- predictor
+
+def predictor_report(points, cfg_pred) -> tuple[str, list[dict], dict]:
+    """Fit, held-out error (largest model held out), predictions for named sizes."""
+    from libinfer import predictor
+    from libinfer.lab import SIZES, size_config
+    recs = [p for p in points if p.get("mode") in ("single", "multi") and p.get("n_params") and "wall_s" in p]
+    if len({p["model"] for p in recs}) < 2:
+        return "## Predictor\n\nNeeds single/multi runs of at least two model sizes.\n", [], {}
+    lines = ["## Predictor: latency and peak memory from (params, input, output, batch, tp)", "",
+             "Non-negative least squares on relative error; every coefficient is a hardware number. "
+             "Held out: every run of the largest model (fitted on the smaller ones only).", ""]
+    metrics, preds = {}, []
+    fits = {}
+    for target in ("latency", "memory"):
+        ho = predictor.evaluate_heldout(recs, target)
+        fits[target] = ho.full_fit
+        metrics.update({f"predictor_{target}_heldout_mape": ho.heldout_mape,
+                        f"predictor_{target}_heldout_max_err": ho.heldout_max_err,
+                        f"predictor_{target}_train_mape": ho.train_fit.train_mape})
+        unit = "s" if target == "latency" else "MiB"
+        scale = 1 if target == "latency" else 2**-20
+        lines += [f"### {target}", "",
+                  f"Held out **{ho.held_out_model}** ({len(ho.rows)} runs): mean abs. error "
+                  f"**{100 * ho.heldout_mape:.1f}%**, max {100 * ho.heldout_max_err:.1f}% "
+                  f"(fit on {ho.train_fit.n_train} runs, in-sample error {100 * ho.train_fit.train_mape:.1f}%).", "",
+                  "| term | coefficient (all runs) |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in ho.full_fit.explain().items()]
+        lines += ["", f"| held-out run (in, out, batch) | measured {unit} | predicted {unit} | error |",
+                  "|---|---:|---:|---:|"]
+        lines += [f"| {r['input_tokens']:.0f}, {r['output_tokens']:.0f}, {r['batch_size']:.0f} | "
+                  f"{r['measured'] * scale:.3f} | {r['predicted'] * scale:.3f} | {100 * r['rel_error']:+.1f}% |"
+                  for r in ho.rows]
+        lines.append("")
+    ref = max(recs, key=lambda p: p["n_params"])
+    elem = ref.get("dtype_bytes", 4)
+    lines += ["### Named unseen sizes (fitted on all runs)", "",
+              "| model | params (M) | input | output | batch | latency (s) | peak memory (MiB) |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    for name in cfg_pred.predict_sizes:
+        if name not in SIZES:
+            raise ConfigError("predictor.predict_sizes", f"unknown size {name!r}; known: {', '.join(SIZES)}")
+        c = size_config(name)
+        for w in cfg_pred.workloads:
+            i, o, b = (int(x) for x in str(w).split(","))
+            rec = {"model": name, "n_params": c.n_params, "n_layers": c.n_layers, "hidden_size": c.hidden_size,
+                   "intermediate_size": c.intermediate_size, "vocab_size": c.vocab_size,
+                   "kv_bytes_per_token": c.n_layers * 2 * c.n_kv_heads * c.head_dim * elem,
+                   "weight_bytes": c.n_params * elem, "dtype_bytes": elem, "input_tokens": i, "output_tokens": o,
+                   "batch_size": b, "n_prompts": b, "tp_size": 1}
+            lat, mem = fits["latency"].predict(rec), fits["memory"].predict(rec)
+            preds.append({**rec, "predicted_latency_s": lat, "predicted_peak_memory_bytes": mem})
+            lines.append(f"| {name} | {c.n_params / 1e6:.0f} | {i} | {o} | {b} | {lat:.2f} | {mem / 2**20:.0f} |")
+    return "\n".join(lines) + "\n", preds, metrics
+
+
+# ------------------------------------------------------------------------- main
+
+def build_report(points: list[dict], cfg, out: Path) -> dict:
+    """Write every figure and table that the points allow; returns headline metrics."""
+    import csv
+    from libinfer.oom import boundaries_from_records, oom_table_csv, oom_table_markdown
+    out.mkdir(parents=True, exist_ok=True)
+    metrics: dict[str, float] = {"points": len(points)}
+    made = []
+    sr = size_ratios(points)
+    figures = {"latency_vs_output_tokens.png": lambda p: fig_latency_vs_output(points, p),
+               "memory_vs_tokens_x_batch.png": lambda p: fig_memory(points, p),
+               "time_vs_model_size.png": lambda p: fig_model_size(points, sr, p),
+               "throughput_vs_batch.png": lambda p: fig_throughput(points, p),
+               "replay.png": lambda p: fig_replay(points, p)}
+    for name, draw in figures.items():
+        if draw(out / name):
+            made.append(name)
+    summary = ["# Performance lab report", "", f"{len(points)} point runs.", ""]
+    if sr["rows"]:
+        (out / "size_ratio.md").write_text(size_ratio_markdown(sr))
+        metrics["size_2x_time_ratio"] = sr["ratio_2x"]
+        summary.append(size_ratio_markdown(sr))
+    md, base = speedup_table(points, cfg.baseline, cfg.speedup_metric)
+    if md:
+        (out / "speedup.md").write_text(md)
+        summary.append(md)
+    tp = throughput_summary(points)
+    if tp.count("\n") > 4:
+        summary.append(tp)
+    oom = [p for p in points if p.get("mode") == "oom"]
+    if oom:
+        cols = boundaries_from_records(oom)
+        (out / "oom_table.csv").write_text(oom_table_csv(cols))
+        omd = oom_table_markdown(cols, title="OOM boundary (batch size x model/device config)")
+        (out / "oom_table.md").write_text(omd)
+        summary.append(omd)
+        for col, bd in cols.items():
+            metrics[re.sub(r"[^\w\-./]", "_", f"max_batch {col}")[:240]] = bd.max_batch
+    if cfg.predictor.enabled:
+        pmd, preds, pm = predictor_report(points, cfg.predictor)
+        (out / "predictor.md").write_text(pmd)
+        summary.append(pmd)
+        metrics.update(pm)
+        if preds:
+            with open(out / "predictions.csv", "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=list(preds[0]))
+                w.writeheader()
+                w.writerows(preds)
+    summary.append("Figures: " + ", ".join(made) if made else "No figures: no matching runs.")
+    (out / "report.md").write_text("\n".join(summary) + "\n")
+    return metrics
+
+
+def run(cfg) -> dict:
+    import mlflow
+    from jobs._tracking import log_metrics
+    points, parent = load_points(cfg.mlflow.tracking_uri, cfg.mlflow.experiment, cfg.sweep)
+    if not points:
+        raise ConfigError("sweep", f"no lab point runs in experiment {cfg.mlflow.experiment!r}"
+                                   + (f" under {cfg.sweep!r}" if cfg.sweep else "") + "; run jobs.benchmark first")
+    out = Path(cfg.out)
+    metrics = build_report(points, cfg, out)
+    mlflow.set_experiment(cfg.mlflow.experiment)
+    ctx = mlflow.start_run(run_id=parent) if parent else _null()
+    with ctx:
+        with mlflow.start_run(run_name="report", nested=bool(parent),
+                              tags={"job": "report", "lab.role": "report", "lab.source": cfg.sweep or "experiment"}) as run:
+            mlflow.log_params({"sweep": cfg.sweep, "baseline": cfg.baseline, "points": len(points)})
+            log_metrics(metrics)
+            mlflow.log_artifacts(str(out), artifact_path="report")
+    print((out / "report.md").read_text())
+    print(f"report: {out.resolve()} (and MLflow run {run.info.run_id})", flush=True)
+    return metrics
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+@hydra.main(config_path="../conf", config_name="report", version_base=None)
+def main(cfg) -> None:
+    try:
+        run(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""jobs.generate: results and metrics, the model built once per worker, exactly once under
+a task retry, a failed job, and a resumed run."""
+from __future__ import annotations
+
+import os
+
+import pandas as pd
+import pytest
+
+from conftest import assert_exactly_once, mixed_corpus, read_out, write_jsonl
+
+N = 40
+
+
+@pytest.fixture(scope="module")
+def clustered(spark, tmp_path_factory, job_env):
+    """A preprocess output of N mixed-length prompts in 4 partitions (shared, read-only)."""
+    from conftest import job_cfg
+    from jobs._spark import Output
+    from jobs.preprocess import run_preprocess
+    root = tmp_path_factory.mktemp("clustered")
+    path = write_jsonl(root / "in.jsonl", mixed_corpus(N, seed=1))
+    cfg = job_cfg("model=tiny_random", "spark=local2", f"data.path={path}", "data.num_partitions=4",
+                  f"out={root / 'pre'}")
+    run_preprocess(spark, cfg, Output(spark, cfg.out))
+    Output(spark, cfg.out).mark_complete("quarantine")
+    return str(root / "pre")
+
+
+def generate(spark, cfg, resume=False):
+    from jobs._spark import Output, prepare_output
+    from jobs.generate import run_generate
+    out = Output(spark, cfg.out)
+    prepare_output(out, ["results", "quarantine"], resume=resume, overwrite=False)
+    return run_generate(spark, cfg, cfg["in"], out, resume=resume)
+
+
+IDS = [f"r{i:03d}" for i in range(N)]
+
+
+def test_generate_results_metrics_and_one_model_per_worker(spark, run_cfg, clustered):
+    cfg = run_cfg(f"in={clustered}", "generation=test1", "generation.stop_sequences=[]", "chunk_rows=7")
+    m = generate(spark, cfg)
+    res, q = read_out(cfg.out)
+    assert_exactly_once(cfg.out, IDS)
+    assert len(res) == N and q.empty
+    assert set(res.columns) >= {"id", "prompt", "completions", "finish_reasons", "n_prompt_tokens",
+                                "n_generated_tokens"}
+    assert all(len(c) == 1 and f[0] in ("eos", "length") for c, f in zip(res["completions"], res["finish_reasons"]))
+    assert m["rows"] == N and m["generated_tokens"] == res["n_generated_tokens"].sum() > 0
+    # 4 partitions on 2 task slots: at most one model per Python worker, reused across tasks.
+    assert m["partitions"] == 4 and 1 <= m["model_loads"] <= m["workers"] <= 2
+    for k in ("tokens_per_s", "latency_p50_s", "latency_p95_s", "padding_waste", "libinfer_padding_waste",
+              "prefill_s", "decode_s", "model_load_s", "peak_memory_bytes"):
+        assert m[k] >= 0, k
+    assert os.path.exists(f"{cfg.out}/results/_SUCCESS") and not os.path.exists(f"{cfg.out}/_staging")
+
+    # Same rows as the generator itself gives on the same token ids (greedy: deterministic).
+    from jobs._model import build_generator
+    from jobs._config import generation_params
+    gen = build_generator(cfg.model, warmup=False)
+    pre = pd.read_parquet(f"{clustered}/clustered").set_index("id")
+    some = sorted(res["id"])[:6]
+    want = gen.generate([list(pre.loc[i, "token_ids"]) for i in some], generation_params(cfg.generation))
+    got = res.set_index("id")
+    assert [list(got.loc[i, "completions"]) for i in some] == [[o.text for o in r.outputs] for r in want]
+
+
+def test_task_retry_is_exactly_once(spark, run_cfg, clustered):
+    cfg = run_cfg(f"in={clustered}", "fault.fail_partition=1", "fault.attempts=1")
+    m = generate(spark, cfg)
+    assert m["task_attempts_retried"] >= 1
+    assert_exactly_once(cfg.out, IDS)
+
+
+def test_failed_job_leaves_no_partial_output(spark, run_cfg, clustered):
+    cfg = run_cfg(f"in={clustered}", "fault.fail_partition=2", "fault.attempts=99")
+    with pytest.raises(Exception, match="injected fault"):
+        generate(spark, cfg)
+    res, _ = read_out(cfg.out)
+    assert res.empty and not os.path.exists(f"{cfg.out}/results/_SUCCESS")
+    assert not os.path.exists(f"{cfg.out}/_staging")
+
+
+def test_resume_after_a_crash_finishes_exactly_once(spark, run_cfg, clustered):
+    # waves=2: the first half of the partitions is committed, then partition 3 fails for good.
+    cfg = run_cfg(f"in={clustered}", "waves=2", "fault.fail_partition=3", "fault.attempts=99")
+    with pytest.raises(Exception, match="injected fault"):
+        generate(spark, cfg)
+    half, _ = read_out(cfg.out)
+    assert 0 < len(half) < N and half["id"].is_unique
+    first_files = set(os.listdir(f"{cfg.out}/results"))
+
+    # Without resume=true the job refuses to mix into it.
+    from jobs._spark import JobError
+    with pytest.raises(JobError, match="resume=true"):
+        generate(spark, run_cfg(f"in={clustered}"))
+
+    m = generate(spark, run_cfg(f"in={clustered}", "resume=true", "waves=2"), resume=True)
+    assert m["rows"] == N - len(half)
+    assert first_files <= set(os.listdir(f"{cfg.out}/results"))   # the committed half is kept as is
+    assert_exactly_once(cfg.out, IDS)
+    # Resuming a finished output does nothing and stays exactly once.
+    assert generate(spark, run_cfg(f"in={clustered}", "resume=true"), resume=True)["rows"] == 0
+    assert_exactly_once(cfg.out, IDS)
+
+
+def test_prompt_over_context_with_output_goes_to_quarantine(spark, run_cfg, clustered):
+    # tiny_random's context is 2048: out_seq_length 1900 leaves no room for the longer prompts.
+    cfg = run_cfg(f"in={clustered}", "generation.out_seq_length=1900", "generation.ignore_eos=false",
+                  "generation.stop_sequences=[]", "fault.fail_partition=-1")
+    pre = pd.read_parquet(f"{clustered}/clustered")
+    long_ids = set(pre.loc[pre["n_tokens"] + 1900 > 2048, "id"])
+    assert long_ids
+    # only the over-long prompts: generate on a filtered copy keeps the test fast
+    sub = os.path.join(os.path.dirname(cfg.out), "sub")
+    os.makedirs(f"{sub}/clustered")
+    pre[pre["id"].isin(long_ids)].to_parquet(f"{sub}/clustered/part-0.parquet")
+    open(f"{sub}/clustered/_SUCCESS", "w").close()
+    cfg = run_cfg(f"in={sub}", "generation.out_seq_length=1900")
+    generate(spark, cfg)
+    res, q = read_out(cfg.out)
+    assert res.empty and set(q["id"]) == long_ids
+    assert all(r.startswith("prompt too long") for r in q["reason"]) and set(q["stage"]) == {"generate"}

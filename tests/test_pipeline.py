@@ -1,0 +1,54 @@
+"""jobs.pipeline as users run it: `python -m jobs.pipeline ...` on the real SmolLM2 GGUF,
+with the results, the printed summary and the MLflow run checked."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from conftest import JOB_ROOT, assert_exactly_once
+
+N = 12
+
+
+@pytest.mark.slow
+def test_pipeline_cli_real_model(job_env, tmp_path, smollm2):
+    corpus = tmp_path / "in.jsonl"
+    lines = [json.loads(l) for l in open(f"{JOB_ROOT}/data/demo_prompts.jsonl")][:N]
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    out = tmp_path / "out"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    p = subprocess.run([sys.executable, "-m", "jobs.pipeline", f"data.path={corpus}", f"out={out}",
+                        "generation=test1", "model=smollm2_135m", "spark=local2", "data.num_partitions=1",
+                        f"mlflow.tracking_uri={uri}", "mlflow.experiment=pipeline-test"],
+                       cwd=JOB_ROOT, env=job_env["env"], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    for text in ("preprocess:", "rows/s", "generated tokens/s", "padding waste", f"results:    {out}/results",
+                 "MLflow run", "mlflow ui --backend-store-uri"):
+        assert text in p.stdout, text
+
+    assert_exactly_once(out, [r["id"] for r in lines])
+    res = pd.read_parquet(out / "results").set_index("id")
+    assert set(res["finish_reasons"].map(lambda f: f[0])) <= {"stop", "eos", "length"}
+    assert res["completions"].map(lambda c: len(c[0].strip()) > 0).mean() > 0.5   # a real model answers
+
+    # The job's rows are the generator's own output for these prompts (greedy test1).
+    from libinfer import GenerationParams
+    ids = sorted(res.index)[:3]
+    want = smollm2.generate([res.loc[i, "prompt"] for i in ids],
+                            GenerationParams.preset("test1"))
+    assert [res.loc[i, "completions"][0] for i in ids] == [r.outputs[0].text for r in want]
+
+    import mlflow
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("pipeline-test")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.data.params["generation.top_p"] == "0.8" and run.data.params["model.name"] == "smollm2_135m"
+    for k in ("preprocess.rows_per_s", "preprocess.padding_waste", "generate.tokens_per_s", "generate.latency_p95_s",
+              "generate.padding_waste", "generate.model_load_s", "generate.peak_memory_bytes", "generate.prefill_s"):
+        assert k in run.data.metrics, k
+    arts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "preprocess_length_histogram.png"} <= arts

@@ -1,0 +1,88 @@
+"""jobs.preprocess: cleaning, parsing, length clustering, padding of the job's batches."""
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from conftest import mixed_corpus, write_jsonl
+from jobs.preprocess import clean_text, parse_record
+
+CLEAN = {"unicode_form": "NFC", "strip_control": True, "collapse_whitespace": True, "strip": True}
+DATA = {"format": "jsonl", "id_column": "id", "text_column": "prompt"}
+
+
+def test_clean_text_normalises_unicode_controls_and_whitespace():
+    assert clean_text("  e\u0301t\u00e9\x00\x07  a \t b\r\nQ:  x  ", CLEAN) == "\u00e9t\u00e9 a b\nQ: x"
+    assert clean_text("keep\n\nblank lines", CLEAN) == "keep\n\nblank lines"
+    assert clean_text(" raw\x01 ", {}) == " raw\x01 "
+
+
+@pytest.mark.parametrize("value, want", [
+    (b'{"id": 1, "prompt": "hi"}', ("1", "hi", None)),
+    (b'{"id": "a", "prompt": null}', ("a", None, "null text")),
+    (b'{"prompt": "x"}', (None, None, "missing id (null, empty or no 'id' field)")),
+    (b'{"id": [1], "prompt": "x"}', (None, None, "bad id [1]: must be a string or integer")),
+    (b'{"id": null, "prompt": "x"}', (None, None, "missing id (null, empty or no 'id' field)")),
+    (b'{"id": 2, "prompt": 5}', ("2", None, "text is not a string: int")),
+    (b'[1, 2]', (None, None, "not a JSON object: list")),
+    (b'{"id": 3, "prompt": "\xff"}', (None, None, "invalid UTF-8 at byte 22")),
+    (None, (None, None, "null record")),
+])
+def test_parse_record_reasons(value, want):
+    assert parse_record(value, 7, DATA)[:3] == want
+
+
+def test_parse_record_bad_json_keeps_raw():
+    rid, text, reason, raw = parse_record(b'{"id": 1, "prompt": ', 0, DATA)
+    assert reason.startswith("invalid JSON") and raw == '{"id": 1, "prompt": '
+
+
+def test_clusters_by_length_and_reports_padding(spark, run_cfg, tmp_path):
+    from jobs._spark import Output
+    from jobs.preprocess import run_preprocess
+    path = write_jsonl(tmp_path / "in.jsonl", mixed_corpus(48))
+    cfg = run_cfg(f"data.path={path}", "data.num_partitions=3", "model.max_batch_size=8")
+    out = Output(spark, cfg.out)
+    m = run_preprocess(spark, cfg, out)
+    assert (m["rows_in"], m["rows_out"], m["rows_quarantined"], m["partitions"]) == (48, 48, 0, 3)
+    assert out.complete("clustered")
+    # Each partition file is sorted, and partitions cover disjoint length ranges (longest first).
+    parts = [pd.read_parquet(f"{cfg.out}/clustered/{f}") for f in out.data_files("clustered")]
+    parts = [p for p in parts if len(p)]
+    assert len(parts) == 3
+    for p in parts:
+        assert list(p["n_tokens"]) == sorted(p["n_tokens"])
+        assert all(len(t) == n for t, n in zip(p["token_ids"], p["n_tokens"]))
+    ranges = sorted((p["n_tokens"].min(), p["n_tokens"].max()) for p in parts)
+    assert all(a[1] <= b[0] for a, b in zip(ranges, ranges[1:]))
+    assert m["padding_waste"] == m["padding_waste_sorted"] < m["padding_waste_unsorted"]
+    assert sorted(pd.read_parquet(f"{cfg.out}/clustered")["id"]) == [f"r{i:03d}" for i in range(48)]
+
+
+def test_unsorted_keeps_arrival_order(spark, run_cfg, tmp_path):
+    from jobs._spark import Output
+    from jobs.preprocess import run_preprocess
+    path = write_jsonl(tmp_path / "in.jsonl", mixed_corpus(20))
+    cfg = run_cfg(f"data.path={path}", "data.sort_by_length=false", "data.num_partitions=2")
+    m = run_preprocess(spark, cfg, Output(spark, cfg.out))
+    assert m["padding_waste"] == m["padding_waste_unsorted"] > m["padding_waste_sorted"]
+    df = pd.read_parquet(f"{cfg.out}/clustered")
+    assert list(df["row"]) == sorted(df["row"])
+
+
+def test_text_and_parquet_inputs_template(spark, run_cfg, tmp_path):
+    from jobs._spark import Output
+    from jobs.preprocess import run_preprocess
+    (tmp_path / "in.txt").write_text("first prompt\nsecond  prompt\n")
+    cfg = run_cfg(f"data.path={tmp_path / 'in.txt'}", "data.format=text", "data.template='Q: {text}\\nA:'")
+    run_preprocess(spark, cfg, Output(spark, cfg.out))
+    df = pd.read_parquet(f"{cfg.out}/clustered").sort_values("id")
+    assert list(df["id"]) == ["0", "1"] and list(df["text"]) == ["Q: first prompt\nA:", "Q: second prompt\nA:"]
+
+    pd.DataFrame({"key": [10, 11], "body": ["a parquet prompt", None]}).to_parquet(tmp_path / "in.parquet")
+    cfg = run_cfg(f"data.path={tmp_path / 'in.parquet'}", "data.format=parquet", "data.id_column=key",
+                  "data.text_column=body", f"out={tmp_path / 'out2'}")
+    m = run_preprocess(spark, cfg, Output(spark, cfg.out))
+    assert (m["rows_out"], m["rows_quarantined"]) == (1, 1)
+    q = pd.read_parquet(f"{cfg.out}/quarantine")
+    assert list(q["id"]) == ["11"] and list(q["reason"]) == ["null text"]
