@@ -106,12 +106,13 @@ def default_is_oom(e: BaseException) -> bool:
 # ------------------------------------------------------------------- the table
 
 def table_rows(columns: dict[str, Boundary], value: str = "wall_s", fmt: str = "{:.3f}") -> tuple[list[int], dict]:
-    """Rows (batch sizes) and cells {(batch, column): text}. Powers of two up to the first
-    OOM power, plus each column's exact boundary and first OOM. Cells above a column's
+    """Rows (batch sizes) and cells {(batch, column): text}. Probed powers of two, plus each
+    column's exact boundary and the batch just above it. Cells above a column's
     boundary read OOM whether probed or implied; cells not probed read '-'."""
     rows: set[int] = set()
-    for bd in columns.values():
-        rows.update(bd.probes)
+    for bd in columns.values():   # the talk's rows (powers of two), plus each exact boundary
+        rows.update(b for b in bd.probes if b & (b - 1) == 0)
+        rows.update(b for b in (bd.max_batch, bd.max_batch + 1) if b in bd.probes)
     rows = sorted(rows)
     cells = {}
     for col, bd in columns.items():
