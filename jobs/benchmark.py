@@ -123,6 +123,8 @@ def resolve_model(cfg) -> None:
     """`size=NAME`: the model group becomes a random Llama of that ladder size, built on first use."""
     if cfg.size:
         from libinfer.lab import SIZES, cache_dir
+        if cfg.size not in SIZES:
+            raise ConfigError("size", f"must be one of {', '.join(SIZES)} (got {cfg.size!r})")
         cfg.model.name = cfg.size
         cfg.model.path = str(cache_dir() / "models" / f"lab_{cfg.size}")
         cfg.model.gguf_file = None
