@@ -1,0 +1,436 @@
+"""jobs.playground: try prompts with every generation parameter before a batch job.
+
+    python -m jobs.playground model=smollm2_135m host=127.0.0.1 port=8000
+
+The talk's playground (3.2): a REST API and a web page on one libinfer Generator (the
+same Generator and GenerationParams as jobs.generate; no second code path). Planners tune
+a parameter set on the page, compare runs in its table, then copy the set as a Hydra
+override line for jobs.pipeline.
+
+    POST /v1/generate    prompt(s) + any GenerationParams field -> candidates, token counts, timings
+    POST /v1/overrides   a parameter set -> the `generation.*=...` override line for jobs.pipeline
+    GET  /v1/models  /v1/presets  /healthz  /docs (OpenAPI)  /  (the web page, jobs/static/)
+
+The generator is not thread-safe and holds one KV cache, so requests go through a bounded
+queue to a single worker thread: concurrent users wait their turn, and past `max_queue`
+waiting requests they get HTTP 429 instead of piling up memory.
+"""
+from __future__ import annotations
+
+if not __package__:  # run as a file: import as jobs.*
+    import os as _os
+    import sys as _sys
+    _sys.path.insert(0, _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import re
+import time
+import typing
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from jobs._config import ConfigError, GenerationConf, MlflowConf, ModelConf, validate
+from libinfer import PRESETS, GenerationParams, ParamError
+
+log = logging.getLogger("jobs.playground")
+STATIC = Path(__file__).parent / "static"
+
+
+# ----------------------------------------------------------------------- config
+
+@dataclass
+class PlaygroundConf:
+    """conf/playground.yaml (the `playground_schema` node)."""
+    model: ModelConf = field(default_factory=ModelConf)
+    generation: GenerationConf = field(default_factory=GenerationConf)   # what a request leaves out
+    mlflow: MlflowConf = field(default_factory=MlflowConf)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_queue: int = 8                 # requests waiting behind the running one; more -> HTTP 429
+    max_prompts: int = 16              # prompts per request
+    max_n: int = 8                     # candidates per prompt (each holds a KV-cache slot)
+    max_out_seq_length: int = 1024     # keeps one request from holding the generator for minutes
+    max_prompt_chars: int = 100_000    # rejected before tokenizing; the token limit is the model context
+    threads: int = 0                   # torch threads; 0 = torch's default
+
+
+ConfigStore.instance().store(name="playground_schema", node=PlaygroundConf)
+
+
+def check_config(cfg) -> None:
+    validate(cfg)
+    if not 0 <= cfg.port <= 65535:
+        raise ConfigError("port", f"must be in [0, 65535] (got {cfg.port})")
+    if cfg.max_queue < 0:
+        raise ConfigError("max_queue", f"must be >= 0 (got {cfg.max_queue})")
+    for key in ("max_prompts", "max_n", "max_out_seq_length", "max_prompt_chars"):
+        if cfg[key] < 1:
+            raise ConfigError(key, f"must be >= 1 (got {cfg[key]})")
+
+
+# ------------------------------------------------------------------ API schema
+
+HELP = {
+    "temperature": "softmax temperature; 0 = argmax",
+    "out_seq_length": "maximum generated tokens",
+    "recompute": "no KV cache: recompute the whole sequence at each step",
+    "greedy": "argmax decoding",
+    "top_p": "nucleus sampling mass in (0, 1]",
+    "top_k": "keep the k most likely tokens; 0 = off",
+    "repetition_penalty": "divide the logits of tokens already seen; 1 = off",
+    "stop_sequences": "stop when the completion contains one of these",
+    "start": "text injected after the prompt, before generation (e.g. \"\\nA:\")",
+    "restart": "text appended after the completion (e.g. \"\\nQ:\")",
+    "ignore_eos": "keep generating past end-of-sequence (speed runs)",
+    "min_tokens": "EOS and stop sequences are ignored before this many tokens",
+    "seed": "random seed; null = a fresh one per request",
+    "n": "candidates per prompt",
+}
+PARAM_NAMES = [f.name for f in dataclasses.fields(GenerationParams)]
+
+# Every GenerationParams field, optional (a missing one comes from the preset or the server's
+# `generation` config). Strict types: "0.5" or "yes" are errors, not silently converted.
+def _api_type(hint):
+    """JSON has lists, not tuples: stop_sequences is a list in the API."""
+    return list[typing.get_args(hint)[0]] if typing.get_origin(hint) is tuple else hint
+
+
+_hints = {k: _api_type(v) for k, v in typing.get_type_hints(GenerationParams).items()}
+ParamsRequest = create_model(
+    "ParamsRequest",
+    __config__=ConfigDict(extra="forbid", strict=True),
+    preset=(Optional[str], Field(None, description=f"start from a preset ({', '.join(PRESETS)}) instead of the "
+                                                   "server's `generation` config; the fields below override it")),
+    **{name: (Optional[_hints[name]], Field(None, description=HELP.get(name))) for name in PARAM_NAMES},
+)
+
+
+class GenerateRequest(ParamsRequest):
+    prompt: Optional[str] = Field(None, description="one prompt (or use `prompts`)")
+    prompts: Optional[list[str]] = Field(None, description="several prompts, generated as one batch")
+
+
+class Candidate(BaseModel):
+    text: str
+    token_ids: list[int]
+    finish_reason: str                 # stop | eos | length
+    generated_tokens: int
+
+
+class PromptResult(BaseModel):
+    index: int
+    prompt: str
+    prompt_tokens: int
+    candidates: list[Candidate]
+
+
+class Timings(BaseModel):
+    queue_s: float                     # waiting for the generator
+    ttft_s: Optional[float]            # time to first token, from the start of generation
+    generate_s: float                  # the generate call
+    latency_s: float                   # queue + generate: what the client waited for, less the network
+    prefill_s: float
+    decode_s: float
+    tokens_per_s: float                # generated tokens / generate_s
+    decode_tokens_per_s: float
+    prefill_tokens_per_s: float
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    generated_tokens: int
+
+
+class GenerateResponse(BaseModel):
+    model: str
+    params: dict[str, Any]             # every GenerationParams field, as run
+    results: list[PromptResult]
+    usage: Usage
+    timings: Timings
+    hydra_overrides: str               # the same parameters for jobs.pipeline
+    mlflow_run_id: Optional[str] = None
+
+
+class OverridesResponse(BaseModel):
+    params: dict[str, Any]
+    hydra_overrides: str
+
+
+# ------------------------------------------------------------ Hydra override line
+
+def hydra_overrides(params: GenerationParams, group: str = "generation") -> str:
+    """`generation.temperature=0.0 generation.top_p=0.8 ...`: every field, quoted so that bash
+    passes each override as one argument and Hydra parses it back to exactly this value."""
+    return " ".join(shell_quote(f"{group}.{k}={hydra_value(v)}") for k, v in params.to_dict().items())
+
+
+def hydra_value(v) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(hydra_value(x) for x in v) + "]"
+    # OmegaConf first: `${` starts an interpolation unless escaped, and backslashes right
+    # before it escape each other. Then Hydra's quoted string: backslashes are literal except
+    # before a quote or at the end. (Hydra does not read \n as a newline; shell_quote does.)
+    s = re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", str(v))
+    s = re.sub(r"(\\+)(?=\"|$)", lambda m: m.group(1) * 2, s).replace('"', '\\"')
+    return f'"{s}"'
+
+
+def shell_quote(word: str) -> str:
+    """One bash word: bare when safe, '...' when printable, $'...' when it holds a control
+    character (a newline in a stop sequence must reach Hydra as a real newline)."""
+    if re.fullmatch(r"[\w.=,:/+@%-]+", word, re.ASCII):
+        return word
+    if not any(ord(c) < 32 or ord(c) == 127 for c in word):
+        return "'" + word.replace("'", "'\\''") + "'"
+    named = {"\\": "\\\\", "'": "\\'", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+    return "$'" + "".join(named.get(c) or (f"\\x{ord(c):02x}" if ord(c) < 32 or ord(c) == 127 else c)
+                          for c in word) + "'"
+
+
+# ------------------------------------------------------------------- the queue
+
+class QueueFull(RuntimeError):
+    pass
+
+
+class GeneratorQueue:
+    """The one generator behind a bounded queue, run by a single worker thread."""
+
+    def __init__(self, generator, max_queue: int):
+        self.generator = generator
+        self.limit = max_queue + 1                   # the running request + those waiting
+        self.admitted = 0                            # touched on the event loop only
+        self.running = False
+        self.served = 0
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generator")
+
+    @property
+    def waiting(self) -> int:
+        return max(0, self.admitted - int(self.running))
+
+    async def run(self, prompts: list[str], params: GenerationParams):
+        """(results, seconds waited in the queue); QueueFull when `max_queue` are waiting."""
+        if self.admitted >= self.limit:
+            raise QueueFull(f"the generator is busy: {self.admitted - 1} requests are waiting (max_queue)")
+        loop = asyncio.get_running_loop()
+        self.admitted += 1
+        t0 = time.perf_counter()
+        fut = self._pool.submit(self._work, prompts, params, t0)
+        # Released when the work itself ends, even if the client has gone away meanwhile.
+        fut.add_done_callback(lambda _: loop.call_soon_threadsafe(self._release))
+        return await asyncio.wrap_future(fut)
+
+    def _work(self, prompts, params, t_submit):
+        waited = time.perf_counter() - t_submit
+        self.running = True
+        try:
+            return self.generator.generate(prompts, params), waited
+        finally:
+            self.running = False
+            self.served += 1
+
+    def _release(self) -> None:
+        self.admitted -= 1
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+# --------------------------------------------------------------------- the app
+
+def unprocessable(loc: list, msg: str):
+    """A 422 in FastAPI's own validation-error shape, so clients read one format."""
+    from fastapi import HTTPException
+    return HTTPException(422, detail=[{"type": "value_error", "loc": ["body", *loc], "msg": msg}])
+
+
+def create_app(cfg, generator, model_name: Optional[str] = None):
+    """The FastAPI app around one loaded generator; `cfg` is the composed playground config."""
+    from fastapi import FastAPI, HTTPException
+    from fastapi.responses import FileResponse
+    from fastapi.staticfiles import StaticFiles
+
+    name = model_name or cfg.model.name
+    server_params = GenerationParams.from_dict(OmegaConf.to_container(cfg.generation, resolve=True))
+    queue = GeneratorQueue(generator, cfg.max_queue)
+    mlflow_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        queue.close()
+        mlflow_pool.shutdown(wait=True)
+
+    app = FastAPI(title="libinfer playground", lifespan=lifespan,
+                  description="Try prompts with every generation parameter, then run the same set with "
+                              "jobs.pipeline. Requests share one generator through a bounded queue.")
+    app.state.queue = queue
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    def resolve_params(req) -> GenerationParams:
+        given = req.model_dump(exclude_unset=True, include=set(PARAM_NAMES))
+        if req.preset is not None and req.preset not in PRESETS:
+            raise unprocessable(["preset"], f"unknown preset {req.preset!r}; known: {', '.join(PRESETS)}")
+        try:
+            params = (PRESETS[req.preset] if req.preset else server_params).replace(**given)
+        except ParamError as e:
+            raise unprocessable([e.field], str(e)) from None
+        if params.n > cfg.max_n:
+            raise unprocessable(["n"], f"at most {cfg.max_n} candidates per prompt here (max_n; got {params.n})")
+        if params.out_seq_length > cfg.max_out_seq_length:
+            raise unprocessable(["out_seq_length"], f"at most {cfg.max_out_seq_length} tokens here "
+                                                    f"(max_out_seq_length; got {params.out_seq_length})")
+        return params
+
+    def prompt_list(req) -> tuple[list[str], list]:
+        """The prompts and the location of each one in the request body."""
+        if (req.prompt is None) == (req.prompts is None):
+            raise unprocessable(["prompt"], "give exactly one of `prompt` or `prompts`")
+        if req.prompt is not None:
+            prompts, locs = [req.prompt], [["prompt"]]
+        else:
+            prompts, locs = req.prompts, [["prompts", i] for i in range(len(req.prompts))]
+        if not 1 <= len(prompts) <= cfg.max_prompts:
+            raise unprocessable(["prompts"], f"give 1 to {cfg.max_prompts} prompts (max_prompts; got {len(prompts)})")
+        for p, loc in zip(prompts, locs):
+            if len(p) > cfg.max_prompt_chars:
+                raise unprocessable(loc, f"prompt too long: {len(p)} characters, at most {cfg.max_prompt_chars} "
+                                         "(max_prompt_chars)")
+        return prompts, locs
+
+    @app.get("/", include_in_schema=False)
+    def index():
+        return FileResponse(STATIC / "index.html")
+
+    @app.get("/healthz")
+    def healthz():
+        return {"status": "ok", "model": name, "running": queue.running, "waiting": queue.waiting,
+                "max_queue": cfg.max_queue, "served": queue.served}
+
+    @app.get("/v1/models")
+    def models():
+        c = generator.config
+        return {"object": "list", "data": [{
+            "id": name, "object": "model", "path": cfg.model.path, "gguf_file": cfg.model.gguf_file,
+            "arch": c.arch, "n_params": c.n_params, "n_layers": c.n_layers, "hidden_size": c.hidden_size,
+            "vocab_size": c.vocab_size, "max_model_len": generator.max_model_len, "dtype": str(generator.dtype),
+            "device": str(generator.device), "tp_size": cfg.model.tp_size,
+            "load_s": round(generator.load_s, 3), "warmup_s": round(generator.warmup_s, 3)}]}
+
+    @app.get("/v1/presets")
+    def presets():
+        """`server` is what a request without `preset` starts from (the `generation` config)."""
+        return {"server": server_params.to_dict(), **{k: p.to_dict() for k, p in PRESETS.items()}}
+
+    @app.post("/v1/overrides", response_model=OverridesResponse)
+    def overrides(req: ParamsRequest):
+        params = resolve_params(req)
+        return OverridesResponse(params=params.to_dict(), hydra_overrides=hydra_overrides(params))
+
+    @app.post("/v1/generate", response_model=GenerateResponse,
+              responses={422: {"description": "a bad parameter or prompt; `detail[].loc` names it"},
+                         429: {"description": "the queue is full; retry later"}})
+    async def generate(req: GenerateRequest):
+        params = resolve_params(req)
+        prompts, locs = prompt_list(req)
+        t0 = time.perf_counter()
+        try:
+            results, waited = await queue.run(prompts, params)
+        except QueueFull as e:
+            raise HTTPException(429, detail=str(e), headers={"Retry-After": "1"}) from None
+        except Exception as e:  # noqa: BLE001 - say what failed instead of a bare 500
+            log.exception("generation failed")
+            raise HTTPException(500, detail=f"generation failed: {type(e).__name__}: {e}") from None
+        latency = time.perf_counter() - t0
+        rejected = [(loc, r.error) for loc, r in zip(locs, results) if not r.ok]
+        if rejected:
+            loc, error = rejected[0]
+            raise unprocessable(loc, error)
+        response = build_response(name, params, results, waited, latency)
+        if cfg.mlflow.enabled:
+            loop = asyncio.get_running_loop()
+            response.mlflow_run_id = await loop.run_in_executor(mlflow_pool, log_to_mlflow, cfg, params, response)
+        return response
+
+    return app
+
+
+def build_response(model: str, params: GenerationParams, results, waited: float, latency: float) -> GenerateResponse:
+    m = results.metrics
+    return GenerateResponse(
+        model=model, params=params.to_dict(), hydra_overrides=hydra_overrides(params),
+        results=[PromptResult(index=r.index, prompt=r.prompt, prompt_tokens=len(r.prompt_token_ids),
+                              candidates=[Candidate(text=o.text, token_ids=o.token_ids, finish_reason=o.finish_reason,
+                                                    generated_tokens=len(o.token_ids)) for o in r.outputs])
+                 for r in results],
+        usage=Usage(prompt_tokens=m.prompt_tokens, generated_tokens=m.generated_tokens),
+        timings=Timings(queue_s=waited, ttft_s=min(m.ttft_s) if m.ttft_s else None, generate_s=m.wall_s,
+                        latency_s=latency, prefill_s=m.prefill_s, decode_s=m.decode_s, tokens_per_s=m.tokens_per_s,
+                        decode_tokens_per_s=m.decode_tokens_per_s, prefill_tokens_per_s=m.prefill_tokens_per_s))
+
+
+def log_to_mlflow(cfg, params: GenerationParams, response: GenerateResponse) -> Optional[str]:
+    """One MLflow run per Generate, with the same param names as a jobs.pipeline run
+    (generation.*, model.*) so the two compare side by side; a tracking failure is logged,
+    never turned into a failed request."""
+    from jobs._tracking import log_metrics, mlflow_run
+    try:
+        import mlflow
+        run_cfg = OmegaConf.create({"model": OmegaConf.to_container(cfg.model, resolve=True),
+                                    "generation": params.to_dict(),
+                                    "mlflow": OmegaConf.to_container(cfg.mlflow, resolve=True)})
+        with mlflow_run(run_cfg, "playground", tags={"hydra_overrides": response.hydra_overrides[:5000]}) as run:
+            log_metrics({**response.timings.model_dump(), **response.usage.model_dump()})
+            mlflow.log_text(json.dumps([r.model_dump() for r in response.results], ensure_ascii=False, indent=1),
+                            "outputs.json")
+            return run.info.run_id
+    except Exception:  # noqa: BLE001
+        log.exception("MLflow logging failed")
+        return None
+
+
+# ------------------------------------------------------------------- entry point
+
+def _main(cfg) -> None:
+    import torch
+    import uvicorn
+    from jobs._model import build_generator
+    check_config(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    t0 = time.perf_counter()
+    generator = build_generator(cfg.model)
+    log.info("model %s loaded in %.1fs (warm-up %.1fs)", cfg.model.name, time.perf_counter() - t0, generator.warmup_s)
+    app = create_app(cfg, generator)
+    print(f"playground: http://{cfg.host}:{cfg.port}/  (API docs at /docs; Ctrl-C stops it)", flush=True)
+    try:
+        uvicorn.run(app, host=cfg.host, port=cfg.port, log_config=None, log_level="info")
+    finally:
+        generator.close()
+
+
+@hydra.main(config_path="../conf", config_name="playground", version_base=None)
+def main(cfg) -> None:
+    from jobs._spark import entry_point
+    entry_point(_main)(cfg)
+
+
+if __name__ == "__main__":
+    main()
