@@ -175,6 +175,10 @@ def get_generator(cfg):
             old.close()
             del old
         _CACHE.clear()
+        import gc
+        from libinfer.lab import trim_heap
+        gc.collect()
+        trim_heap()
         print(f"loading {m.name} ({m.dtype}, {m.device}, tp={m.tp_size}) ...", flush=True)
         _CACHE.update(key=key, gen=build_generator(m), fresh=True)
     else:
@@ -255,7 +259,9 @@ def run_synthetic(cfg, gen, parent: str, base: dict) -> list[dict]:
 
 def oom_column(cfg, i: int, o: int) -> str:
     m = cfg.model
-    return f"{m.name} {m.device} {m.dtype} tp{m.tp_size} in{i} out{o}"
+    # the budget is the "device memory" of a CPU column (the talk's columns were GPU types)
+    budget = f" {cfg.oom.budget_gb:.3g}GiB" if cfg.oom.budget_gb else ""
+    return f"{m.name} {m.device} {m.dtype} tp{m.tp_size} in{i} out{o}{budget}"
 
 
 def run_oom(cfg, gen, parent: str, base: dict) -> list[dict]:

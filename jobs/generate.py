@@ -81,7 +81,7 @@ def _generate_fn(model: dict, params: dict, threads: int, chunk_rows: int, fault
                     rows.append(("result", rid, text, [o.text for o in r.outputs], [o.finish_reason for o in r.outputs],
                                  len(r.prompt_token_ids), sum(len(o.token_ids) for o in r.outputs), int(row), None, None))
                 else:
-                    rows.append(("quarantine", rid, None, None, None, None, None, int(row), r.error, text))
+                    rows.append(("quarantine", rid, text, None, None, None, None, int(row), r.error, None))
             return pd.DataFrame(rows, columns=[c.split()[0] for c in OUT_SCHEMA.split(", ")])
 
         pending = []

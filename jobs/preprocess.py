@@ -73,7 +73,7 @@ def parse_record(value: bytes | None, row: int, data: dict) -> tuple[str | None,
     rid = str(rid)
     text = rec.get(text_col)
     if text is None:
-        return rid, None, f"null text (no '{text_col}' field)" if text_col not in rec else "null text", line
+        return rid, None, f"null text (no '{text_col}' value)", line
     if not isinstance(text, str):
         return rid, None, f"text is not a string: {type(text).__name__}", line
     return rid, text, None, line
@@ -100,8 +100,8 @@ def _prepare_fn(data: dict, model: dict, fault: dict):
                         if not text:
                             reason = "empty text (after cleaning)"
                 if reason is None:
-                    if data["template"]:
-                        text = data["template"].replace("{text}", text)
+                    if data["template"]:   # "\n" in a template is a newline (overrides cannot type one)
+                        text = data["template"].replace("\\n", "\n").replace("{text}", text)
                     if data["chat_template"]:
                         text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                                        add_generation_prompt=True)
@@ -227,6 +227,7 @@ def run_preprocess(spark, cfg, out: Output) -> dict:
     parsed = parsed.withColumn("_n", n_same).withColumn(
         "reason", F.when(F.col("reason").isNull() & (F.col("_n") > 1),
                          F.format_string("duplicate id: %d rows have it", F.col("_n"))).otherwise(F.col("reason")))
+    parsed = parsed.withColumn("raw", F.when(F.col("reason").isNotNull(), F.coalesce("raw", "text")))
     parsed = parsed.drop("_n").persist(StorageLevel.MEMORY_AND_DISK)
     try:
         counts = {r["ok"]: r["count"] for r in parsed.groupBy(F.col("reason").isNull().alias("ok")).count().collect()}

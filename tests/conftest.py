@@ -128,7 +128,8 @@ def assert_exactly_once(out_dir, input_ids: list) -> None:
     """Every input id is in exactly one of results/quarantine, once; nothing else is there."""
     from collections import Counter
     res, q = read_out(out_dir)
-    seen = Counter(list(res["id"]) + [i for i in q["id"] if i is not None])
+    import pandas as pd
+    seen = Counter(list(res["id"]) + [i for i in q["id"] if not pd.isna(i)])
     want = Counter(str(i) for i in input_ids if i is not None)
     assert seen == want, (f"missing {sorted((want - seen).elements())[:10]} "
                           f"extra/duplicate {sorted((seen - want).elements())[:10]}")

@@ -51,7 +51,7 @@ def test_nasty_corpus_every_row_once(spark, run_cfg, tmp_path):
     ids = [r["id"] if isinstance(r, dict) and isinstance(r.get("id"), (str, int)) else None for r in NASTY]
     assert_exactly_once(cfg.out, ids)
     reason = dict(zip(q["id"].fillna("<none>"), q["reason"]))
-    assert reason["null"] == "null text"
+    assert reason["null"] == "null text (no 'prompt' value)"
     assert reason["empty"].startswith("empty text") and reason["blank"].startswith("empty text")
     assert any(r.startswith("invalid UTF-8") for r in q["reason"])
     assert reason["huge"].startswith("text too long: 100001 characters")
@@ -61,10 +61,10 @@ def test_nasty_corpus_every_row_once(spark, run_cfg, tmp_path):
     assert sum(r.startswith("missing id") for r in q["reason"]) == 2
     assert any(r.startswith("invalid JSON") for r in q["reason"])
     assert any(r.startswith("not a JSON object") for r in q["reason"])
-    assert all(isinstance(r, str) and r for r in q["raw"])   # the raw input is kept to fix it
+    assert all(isinstance(r, str) and r for r in q["raw"]), q[["id", "reason", "raw"]]   # kept to fix it
     prompts = dict(zip(res["id"], res["prompt"]))
     assert prompts["ctrl"] == "control chars are stripped"
-    assert prompts["ok2"] == "another fine prompt\nwith line break"
+    assert prompts["ok2"] == "another fine prompt\nwith a line break"
 
 
 def test_missing_id_column_in_parquet_is_a_clear_error(spark, run_cfg, tmp_path):

@@ -19,13 +19,13 @@ def test_clean_text_normalises_unicode_controls_and_whitespace():
 
 @pytest.mark.parametrize("value, want", [
     (b'{"id": 1, "prompt": "hi"}', ("1", "hi", None)),
-    (b'{"id": "a", "prompt": null}', ("a", None, "null text")),
+    (b'{"id": "a", "prompt": null}', ("a", None, "null text (no 'prompt' value)")),
     (b'{"prompt": "x"}', (None, None, "missing id (null, empty or no 'id' field)")),
     (b'{"id": [1], "prompt": "x"}', (None, None, "bad id [1]: must be a string or integer")),
     (b'{"id": null, "prompt": "x"}', (None, None, "missing id (null, empty or no 'id' field)")),
     (b'{"id": 2, "prompt": 5}', ("2", None, "text is not a string: int")),
     (b'[1, 2]', (None, None, "not a JSON object: list")),
-    (b'{"id": 3, "prompt": "\xff"}', (None, None, "invalid UTF-8 at byte 22")),
+    (b'{"id": 3, "prompt": "\xff"}', (None, None, "invalid UTF-8 at byte 21")),
     (None, (None, None, "null record")),
 ])
 def test_parse_record_reasons(value, want):
@@ -85,4 +85,4 @@ def test_text_and_parquet_inputs_template(spark, run_cfg, tmp_path):
     m = run_preprocess(spark, cfg, Output(spark, cfg.out))
     assert (m["rows_out"], m["rows_quarantined"]) == (1, 1)
     q = pd.read_parquet(f"{cfg.out}/quarantine")
-    assert list(q["id"]) == ["11"] and list(q["reason"]) == ["null text"]
+    assert list(q["id"]) == ["11"] and list(q["reason"]) == ["null text (no 'body' value)"]
