@@ -330,7 +330,7 @@ def create_app(cfg, generator, model_name: Optional[str] = None):
         return {"object": "list", "data": [{
             "id": name, "object": "model", "path": cfg.model.path, "gguf_file": cfg.model.gguf_file,
             "arch": c.arch, "n_params": c.n_params, "n_layers": c.n_layers, "hidden_size": c.hidden_size,
-            "vocab_size": c.vocab_size, "max_model_len": generator.max_model_len, "dtype": str(generator.dtype),
+            "vocab_size": c.vocab_size, "max_model_len": generator.max_model_len, "dtype": str(generator.dtype).removeprefix("torch."),
             "device": str(generator.device), "tp_size": cfg.model.tp_size,
             "load_s": round(generator.load_s, 3), "warmup_s": round(generator.warmup_s, 3)}]}
 

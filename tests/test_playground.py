@@ -29,11 +29,12 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def playground_server(env: dict, *overrides: str, log_path, start_timeout_s: float = 180):
-    """Start `python -m jobs.playground` on a free 127.0.0.1 port; yields its base URL."""
+    """Start `python -m jobs.playground` on a free 127.0.0.1 port, in the log's folder (so a
+    local MLflow store puts its artifacts there); yields its base URL."""
     port = free_port()
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "jobs.playground", "host=127.0.0.1", f"port={port}", *overrides],
-                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+                                cwd=os.path.dirname(log_path), env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + start_timeout_s
@@ -203,7 +204,7 @@ def test_concurrent_users_are_all_answered(server, client):
     prompts = [f"user {i} asks about {w}" for i, w in enumerate("coffee tea shoes bread camera maps news music".split())]
     body = {"out_seq_length": 8, "greedy": True, "stop_sequences": []}
     alone = [client.post("/v1/generate", json={"prompt": p, **body}).json()["results"][0] for p in prompts]
-    got, refused = {}, []
+    got, refused = {}, []          # (refusals are likely here but not certain; the 429 test is the exact one)
 
     def user(i):
         with httpx.Client(base_url=server, timeout=120) as c:
@@ -223,7 +224,6 @@ def test_concurrent_users_are_all_answered(server, client):
     assert sorted(got) == list(range(len(prompts)))
     assert all(r.status_code == 200 for r in got.values()), [r.text for r in got.values() if r.status_code != 200]
     assert [got[i].json()["results"][0] for i in range(len(prompts))] == alone
-    assert refused, "eight users on max_queue=1: some should have been told to retry"
     assert client.get("/healthz").json()["status"] == "ok"
 
 
