@@ -99,13 +99,15 @@ HELP = {
 }
 PARAM_NAMES = [f.name for f in dataclasses.fields(GenerationParams)]
 
-# Every GenerationParams field, optional (a missing one comes from the preset or the server's
-# `generation` config). Strict types: "0.5" or "yes" are errors, not silently converted.
+
+
 def _api_type(hint):
     """JSON has lists, not tuples: stop_sequences is a list in the API."""
     return list[typing.get_args(hint)[0]] if typing.get_origin(hint) is tuple else hint
 
 
+# Every GenerationParams field, optional (a missing one comes from the preset or the server's
+# `generation` config). Strict types: "0.5" or "yes" are errors, not silently converted.
 _hints = {k: _api_type(v) for k, v in typing.get_type_hints(GenerationParams).items()}
 ParamsRequest = create_model(
     "ParamsRequest",
@@ -234,7 +236,7 @@ class GeneratorQueue:
         t0 = time.perf_counter()
         fut = self._pool.submit(self._work, prompts, params, t0)
         # Released when the work itself ends, even if the client has gone away meanwhile.
-        fut.add_done_callback(lambda _: loop.call_soon_threadsafe(self._release))
+        fut.add_done_callback(lambda _: self._release_soon(loop))
         return await asyncio.wrap_future(fut)
 
     def _work(self, prompts, params, t_submit):
@@ -248,6 +250,12 @@ class GeneratorQueue:
 
     def _release(self) -> None:
         self.admitted -= 1
+
+    def _release_soon(self, loop) -> None:
+        try:
+            loop.call_soon_threadsafe(self._release)
+        except RuntimeError:        # the loop is gone: the server is shutting down
+            pass
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
