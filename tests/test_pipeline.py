@@ -17,7 +17,8 @@ N = 12
 @pytest.mark.slow
 def test_pipeline_cli_real_model(job_env, tmp_path, smollm2):
     corpus = tmp_path / "in.jsonl"
-    lines = [json.loads(l) for l in open(f"{JOB_ROOT}/data/demo_prompts.jsonl")][:N]
+    lines = sorted((json.loads(l) for l in open(f"{JOB_ROOT}/data/demo_prompts.jsonl")),
+                   key=lambda r: len(r["prompt"]))[::20][:N]     # short to medium demo prompts
     corpus.write_text("".join(json.dumps(r) + "\n" for r in lines))
     out = tmp_path / "out"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
