@@ -257,6 +257,9 @@ def main(cfg) -> None:
         raise JobError("in is not set: pass in=DIR (a jobs.preprocess output)")
     from jobs.preprocess import check_local_path
     check_local_path("in", cfg["in"])
+    if os.path.abspath(str(cfg["in"])) == os.path.abspath(str(cfg.out)):
+        raise JobError("in and out are the same directory: give generate its own out "
+                       "(jobs.pipeline writes both stages into one)")
     spark = session(cfg, " generate")
     out = Output(spark, cfg.out)
     prepare_output(out, ["results", "quarantine"], resume=cfg.resume, overwrite=cfg.overwrite)

@@ -101,3 +101,29 @@ def test_misspelled_key_or_wrong_type_fails_at_start(job_env, args, name, tmp_pa
     p = run_job([*args, f"out={tmp_path / 'o'}", "mlflow.enabled=false"], job_env["env"], module="jobs.generate")
     assert p.returncode != 0 and name in p.stderr, p.stderr
     assert "Traceback" not in p.stderr
+
+
+def test_generation_group_is_exactly_generation_params():
+    import dataclasses
+    from jobs._config import GenerationConf, field_names
+    from libinfer import GenerationParams
+    assert field_names(GenerationConf) == [f.name for f in dataclasses.fields(GenerationParams)]
+
+
+@pytest.mark.parametrize("preset", ["default", "test1", "test2"])
+def test_generation_presets_match_libinfer(preset):
+    from conftest import job_cfg
+    from jobs._config import generation_params
+    from libinfer import PRESETS
+    assert generation_params(job_cfg(f"generation={preset}").generation) == PRESETS[preset]
+
+
+@pytest.mark.parametrize("override, key", [("+model.colour=red", "model.colour"),
+                                           ("data.format=csv", "data.format"),
+                                           ("generation.n=0", "generation.n"),
+                                           ("waves=0", "waves")])
+def test_bad_config_names_the_key(override, key):
+    from conftest import job_cfg
+    from jobs._config import ConfigError
+    with pytest.raises(ConfigError, match=f"config '{key}'"):
+        job_cfg(override)
