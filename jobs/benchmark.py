@@ -48,7 +48,7 @@ class WorkloadConf:
     input_spread: float = 0.0              # prompt lengths uniform in L(1 +- spread); 0 = all equal
     batching: str = "static"               # static (the talk's fixed batches) | continuous
     max_batch_tokens: Optional[int] = None  # prefill tokens per step; null = the whole batch at once
-    repeats: int = 1                       # timed repeats per point; the median is logged
+    repeats: int = 1                       # timed repeats per point; the fastest is logged
     warm_each_point: bool = True           # untimed run of the point's shape first
     seed: int = 0
 

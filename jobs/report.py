@@ -121,7 +121,8 @@ def by(points, *keys) -> dict:
     groups = defaultdict(list)
     for p in points:
         groups[tuple(p.get(k) for k in keys)].append(p)
-    return dict(sorted(groups.items(), key=lambda kv: tuple(str(x) for x in kv[0])))
+    return dict(sorted(groups.items(), key=lambda kv: tuple((0, x, "") if isinstance(x, (int, float)) else (1, 0, str(x))
+                                                            for x in kv[0])))
 
 
 def single_points(points):
@@ -131,12 +132,16 @@ def single_points(points):
 def size_ratios(points, metric: str = "wall_s") -> dict:
     """Time ratio for a 2x larger model, from batch-1 points of at least two sizes.
 
+    Uses the random ladder (size=...) when it has two sizes or more, else every model.
     Per workload (input, output tokens, device config): fit log2(time) = a + s log2(params);
     2^s is the time ratio for doubling the parameters. Also each consecutive pair,
     normalised to exactly 2x: (t2/t1)^(1/log2(P2/P1))."""
     import numpy as np
     rows, slopes = [], []
     singles = [p for p in single_points(points) if p.get("n_params")]
+    ladder = [p for p in singles if p.get("size")]
+    if len({p["n_params"] for p in ladder}) >= 2:   # one family of shapes; real models aside
+        singles = ladder
     for (i, o, dev, dt, tp), grp in by(singles, "input_tokens", "output_tokens", "device", "dtype", "tp_size").items():
         per_size = {}
         for p in grp:
@@ -168,8 +173,18 @@ def size_ratio_markdown(sr: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def ordered_labels(points) -> list[str]:
+    """Config labels, smallest model first."""
+    size = {}
+    for p in points:
+        size.setdefault(label(p), p.get("n_params") or 0)
+    return sorted(size, key=lambda lb: (size[lb], lb))
+
+
 def workload_key(p) -> str:
-    s = f"{p.get('mode')} in{p.get('input_tokens', 0):.0f} out{p.get('output_tokens', 0):.0f} b{p.get('batch_size', 0):.0f}"
+    spread = f"~{100 * p['input_spread']:.0f}%" if p.get("input_spread") else ""
+    s = (f"{p.get('mode')} in{p.get('input_tokens', 0):.0f}{spread} out{p.get('output_tokens', 0):.0f} "
+         f"b{p.get('batch_size', 0):.0f}")
     if p.get("mode") in ("multi", "replay"):
         s += " sorted" if p.get("sorted") else " unsorted"
     return s
@@ -179,7 +194,7 @@ def speedup_table(points, baseline: str | None, metric: str = "wall_s") -> tuple
     """Markdown: rows workloads, columns configs, cells baseline_time / time (baseline = 1),
     as the talk's 'V100x4 = 1' tables. Returns (markdown, baseline used)."""
     pts = [p for p in points if p.get("mode") in ("single", "multi", "replay") and metric in p]
-    labels = sorted({label(p) for p in pts})
+    labels = ordered_labels(pts)
     if not labels:
         return "", ""
     base = baseline if baseline in labels else None
@@ -189,6 +204,12 @@ def speedup_table(points, baseline: str | None, metric: str = "wall_s") -> tuple
         if base is None:
             raise ConfigError("baseline", f"{baseline!r} matches none of the configs: {', '.join(labels)}")
     base = base or labels[0]
+    if metric.endswith("_per_s"):   # a rate: higher is faster already
+        def rel(b, v):
+            return v / b
+    else:
+        def rel(b, v):
+            return b / v
     cells = defaultdict(dict)
     for p in pts:
         cells[workload_key(p)].setdefault(label(p), []).append(p[metric])
@@ -199,7 +220,7 @@ def speedup_table(points, baseline: str | None, metric: str = "wall_s") -> tuple
         if base not in row:
             continue
         b = statistics.median(row[base])
-        vals = [f"{b / statistics.median(row[lb]):.2f}" if lb in row else "-" for lb in labels]
+        vals = [f"{rel(b, statistics.median(row[lb])):.2f}" if lb in row else "-" for lb in labels]
         lines.append(f"| {wk} | " + " | ".join(vals) + " |")
     return "\n".join(lines) + "\n", base
 
@@ -207,18 +228,18 @@ def speedup_table(points, baseline: str | None, metric: str = "wall_s") -> tuple
 def throughput_summary(points) -> str:
     """Sorted vs unsorted tokens/s per batch size (multi and replay points)."""
     lines = ["## Throughput: sorted vs unsorted (generated tokens/s)", "",
-             "| mode | config | input | batch | unsorted | sorted | sorted/unsorted | padding unsorted | padding sorted |",
+             "| mode | config | input (spread) | batch | unsorted | sorted | sorted/unsorted | padding unsorted | padding sorted |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     pts = [p for p in points if p.get("mode") in ("multi", "replay")]
-    for (mode, lb, i, b), grp in by([{**p, "label": label(p)} for p in pts],
-                                    "mode", "label", "input_tokens", "batch_size").items():
+    for (mode, lb, i, spread, b), grp in by([{**p, "label": label(p)} for p in pts],
+                                            "mode", "label", "input_tokens", "input_spread", "batch_size").items():
         s = [p for p in grp if p.get("sorted")]
         u = [p for p in grp if not p.get("sorted")]
         if not s or not u:
             continue
         ts, tu = (statistics.median(x["tokens_per_s"] for x in g) for g in (s, u))
         ps, pu = (statistics.median(x.get("padding_waste", 0) for x in g) for g in (s, u))
-        lines.append(f"| {mode} | {lb} | {i or 0:.0f} | {b or 0:.0f} | {tu:.1f} | {ts:.1f} | {ts / tu:.2f} | "
+        lines.append(f"| {mode} | {lb} | {i or 0:.0f} ({100 * (spread or 0):.0f}%) | {b or 0:.0f} | {tu:.1f} | {ts:.1f} | {ts / tu:.2f} | "
                      f"{100 * pu:.0f}% | {100 * ps:.0f}% |")
     return "\n".join(lines) + "\n"
 
@@ -291,15 +312,18 @@ def fig_model_size(points, sr: dict, path: Path) -> bool:
 
 
 def fig_throughput(points, path: Path) -> bool:
-    pts = [p for p in points if p.get("mode") == "multi"]
+    pts = [{**p, "label": label(p)} for p in points if p.get("mode") == "multi"]
+    # the sort study: workloads measured both sorted and unsorted
+    both = {k for k, g in by(pts, "label", "input_tokens", "input_spread").items() if len({p["sorted"] for p in g}) == 2}
+    pts = [p for p in pts if (p["label"], p["input_tokens"], p.get("input_spread")) in both]
     if not pts:
         return False
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for (lb, i, srt), grp in by([{**p, "label": label(p)} for p in pts], "label", "input_tokens", "sorted").items():
+    for (lb, i, spread, srt), grp in by(pts, "label", "input_tokens", "input_spread", "sorted").items():
         grp = sorted(grp, key=lambda p: p["batch_size"])
         ax.plot([p["batch_size"] for p in grp], [p["tokens_per_s"] for p in grp], "o-" if srt else "s--",
-                label=f"{lb}, in ~{i:.0f}, {'sorted' if srt else 'unsorted'}")
+                label=f"{lb}, in {i:.0f} +-{100 * (spread or 0):.0f}%, {'sorted' if srt else 'unsorted'}")
     ax.set(xscale="log", xlabel="batch size", ylabel="generated tokens/s", title="Throughput vs batch size")
     ax.set_xscale("log", base=2)
     ax.grid(alpha=.3)

@@ -160,8 +160,12 @@ def boundaries_from_records(records: list[dict], column: str = "oom_column") -> 
         b = int(float(r["batch_size"]))
         metrics = {k: v for k, v in r.items() if isinstance(v, float)}
         probes.setdefault(str(r[column]), {})[b] = Probe(b, bool(float(r["fits"])), metrics)
+    def order(col):   # smallest model first, then the smaller budget
+        r = next(r for r in records if str(r[column]) == col)
+        return (float(r.get("n_params") or 0), float(r.get("oom_budget_gb") or 0) if str(r.get("oom_budget_gb")) not in
+                ("", "None") else 0.0, col)
     out = {}
-    for col in sorted(probes):
+    for col in sorted(probes, key=order):
         ps = probes[col]
         good = [b for b, p in ps.items() if p.fits]
         bad = [b for b, p in ps.items() if not p.fits]

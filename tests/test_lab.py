@@ -167,10 +167,11 @@ def test_every_point_is_a_nested_run_with_the_speed_metrics(lab):
     assert loads and all("model_warmup_s" in p.data.metrics for p in loads)
     single = lab["single"]
     assert len({r["n_params"] for r in single}) == 2
-    # batch-1 latency grows with generated tokens
-    for m in ("tiny_a", "tiny_b"):
-        t = {(r["input_tokens"], r["output_tokens"]): r["wall_s"] for r in single if r["model"] == m}
-        assert t[(24, 6)] > t[(24, 2)]
+    # exactly the asked lengths: one prefill, then output-1 decode steps (timings of a tiny
+    # model are too small to compare on a shared machine)
+    for r in single:
+        assert r["generated_tokens"] == r["output_tokens"] and r["decode_steps"] == r["output_tokens"] - 1
+        assert r["prompt_tokens"] == r["input_tokens"] and 0 < r["ttft_s"] <= r["wall_s"]
 
 
 def test_oom_search_finds_the_synthetic_budgets_boundary(lab):
