@@ -139,6 +139,7 @@ ROOT_KEYS: dict[str, Any] = {
     "overwrite": False,         # replace an existing output instead of refusing
     "chunk_rows": 256,          # rows per generate call inside a partition
     "waves": 1,                 # generate commits its output in this many steps (resume granularity)
+    "compare_single_process": False,   # preprocess: also time the same work in one process, no Spark
     "fault": OmegaConf.structured(FaultConf),
 }
 

@@ -16,6 +16,7 @@ if not __package__:  # run as a file (spark-submit jobs/preprocess.py): import a
 
 import json
 import math
+import os
 import re
 import time
 import unicodedata
@@ -162,9 +163,10 @@ def read_corpus(spark, data: dict):
 def n_partitions(spark, data: dict, n_rows: int, batch: int) -> int:
     if data["num_partitions"]:
         return data["num_partitions"]
-    # Several partitions per task slot (long clusters take longer: smaller pieces balance),
-    # but not so many that a partition holds less than a batch.
-    return max(1, min(4 * spark.sparkContext.defaultParallelism, math.ceil(n_rows / batch)))
+    # A multiple of the task slots, up to 4 per slot (long clusters take longer: smaller
+    # pieces balance the slots), but not so many that a partition holds less than a batch.
+    slots = spark.sparkContext.defaultParallelism
+    return slots * max(1, min(4, math.ceil(n_rows / (batch * slots))))
 
 
 def cluster(df, parts: int, by_length: bool):
@@ -202,6 +204,30 @@ def length_histogram(lengths_counts: list[tuple[int, int]], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def single_process_baseline(data: dict, model: dict) -> float:
+    """Seconds the same parse/clean/tokenize/sort/write takes in this one process, without
+    Spark (the talk's 2.3 compares its distributed preprocessing against exactly this)."""
+    import tempfile
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    t0 = time.perf_counter()
+    with open(data["path"], "rb") as f:
+        lines = [l.rstrip(b"\n") for l in f]
+    if data["format"] != "text":
+        lines = [l for l in lines if l.strip()]
+    if data["limit"]:
+        lines = lines[:data["limit"]]
+    prepare = _prepare_fn(data, model, {})
+    chunks = [lines[i:i + 10_000] for i in range(0, len(lines), 10_000)]
+    batches = (pd.DataFrame({"row": range(i * 10_000, i * 10_000 + len(c)), "value": c}) for i, c in enumerate(chunks))
+    out = pd.concat(list(prepare(batches)), ignore_index=True)
+    good = out[out["reason"].isna()].sort_values(["n_tokens", "id"])
+    with tempfile.TemporaryDirectory() as tmp:
+        pq.write_table(pa.Table.from_pandas(good[["id", "text", "token_ids", "n_tokens", "row"]]), f"{tmp}/c.parquet")
+    return time.perf_counter() - t0
 
 
 def run_preprocess(spark, cfg, out: Output) -> dict:
@@ -258,6 +284,12 @@ def run_preprocess(spark, cfg, out: Output) -> dict:
         metrics[f"padding_waste_{mine}"] = metrics["padding_waste"]
         metrics["padding_waste_unsorted" if mine == "sorted" else "padding_waste_sorted"] = other
         metrics["_histogram"] = hist
+        local = "://" not in str(data["path"]) and os.path.isfile(str(data["path"]))
+        if cfg.compare_single_process and local and data["format"] != "parquet":
+            single = single_process_baseline(data, model)
+            metrics.update(single_process_s=single, speedup_vs_single_process=single / wall)
+            progress(f"preprocess: one process without Spark takes {single:.1f}s: Spark is "
+                     f"{single / wall:.2f}x that on {spark.sparkContext.defaultParallelism} task slots")
         progress(f"preprocess: {n_ok} rows -> {out.path('clustered')} ({parts} partitions), {n_bad} -> "
                  f"{out.path('quarantine')}; {metrics['rows_per_s']:.1f} rows/s; padding waste of "
                  f"{batch}-row batches {100 * metrics['padding_waste']:.1f}% "

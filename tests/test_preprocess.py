@@ -63,9 +63,11 @@ def test_unsorted_keeps_arrival_order(spark, run_cfg, tmp_path):
     from jobs._spark import Output
     from jobs.preprocess import run_preprocess
     path = write_jsonl(tmp_path / "in.jsonl", mixed_corpus(20))
-    cfg = run_cfg(f"data.path={path}", "data.sort_by_length=false", "data.num_partitions=2")
+    cfg = run_cfg(f"data.path={path}", "data.sort_by_length=false", "data.num_partitions=2",
+                  "compare_single_process=true")
     m = run_preprocess(spark, cfg, Output(spark, cfg.out))
     assert m["padding_waste"] == m["padding_waste_unsorted"] > m["padding_waste_sorted"]
+    assert m["single_process_s"] > 0 and m["speedup_vs_single_process"] > 0
     df = pd.read_parquet(f"{cfg.out}/clustered")
     assert list(df["row"]) == sorted(df["row"])
 
