@@ -53,13 +53,14 @@ class Scheduler:
 
     def admit(self) -> list[Request]:
         """Next prompts to prefill. A prompt over the token budget is admitted alone
-        (the model prefills it in chunks)."""
+        (the model prefills it in chunks). A static batch fills all slots at once."""
         if self.static and self.running:
             return []
         batch, free, tokens = [], self.n_slots - len(self.running), 0
         while self.waiting:
             r = self.waiting[0]
-            if r.n > free or (batch and tokens + len(r.prompt_ids) > self.max_batch_tokens):
+            over_budget = not self.static and batch and tokens + len(r.prompt_ids) > self.max_batch_tokens
+            if r.n > free or over_budget:
                 break
             batch.append(self.waiting.popleft())
             free -= r.n
