@@ -72,3 +72,37 @@ def test_killed_rank_raises_within_timeout(random_models):
     with pytest.raises(TensorParallelError, match="broken"):
         gen.generate(PROMPTS[:1], GenerationParams(greedy=True, out_seq_length=4))
     gen.close()
+
+
+@pytest.mark.slow
+def test_generate_job_with_tp2_equals_tp1(spark, run_cfg, tmp_path):
+    """model.tp_size=2: one TP group inside the executor's Python worker, same rows."""
+    from conftest import mixed_corpus, read_out, write_jsonl
+    from jobs._spark import Output, prepare_output
+    from jobs.generate import run_generate
+    from jobs.preprocess import run_preprocess
+    path = write_jsonl(tmp_path / "in.jsonl", mixed_corpus(12, seed=4))
+    pre = run_cfg(f"data.path={path}", "data.num_partitions=1", f"out={tmp_path / 'pre'}")
+    run_preprocess(spark, pre, Output(spark, pre.out))
+    Output(spark, pre.out).mark_complete("quarantine")
+    outs = {}
+    for tp in (1, 2):
+        cfg = run_cfg(f"in={pre.out}", f"model.tp_size={tp}", f"out={tmp_path / f'tp{tp}'}", "generation=test2",
+                      "generation.stop_sequences=[]")
+        out = Output(spark, cfg.out)
+        prepare_output(out, ["results", "quarantine"], resume=False, overwrite=False)
+        run_generate(spark, cfg, cfg["in"], out, resume=False)
+        res, q = read_out(cfg.out)
+        assert len(res) == 12 and q.empty
+        outs[tp] = res.sort_values("id")[["id", "completions"]].to_dict("records")
+    assert [(r["id"], list(r["completions"])) for r in outs[2]] == [(r["id"], list(r["completions"])) for r in outs[1]]
+
+
+def test_gpu_cluster_config_gives_each_task_a_tp_group():
+    from conftest import job_cfg
+    from omegaconf import OmegaConf
+    cfg = job_cfg("spark=standalone_gpu", "model.tp_size=4", "model.device=cuda", "model.dtype=bfloat16")
+    conf = OmegaConf.to_container(cfg.spark.conf, resolve=True)
+    assert conf["spark.executor.resource.gpu.amount"] == conf["spark.task.resource.gpu.amount"] == "4"
+    assert conf["spark.executor.resource.gpu.discoveryScript"].endswith("conf/spark/gpu_discovery.sh")
+    assert cfg.spark.task_cpus == cfg.spark.executor_cores     # one task (one TP group) per executor
