@@ -41,7 +41,7 @@ def _generate_fn(model: dict, params: dict, threads: int, chunk_rows: int, fault
         import pandas as pd
         import psutil
         from pyspark import TaskContext
-        from libinfer import GenerationMetrics, GenerationParams
+        from libinfer import GenerationMetrics, GenerationParams, RequestOutput
         from jobs._spark import worker_generator
         gp = GenerationParams.from_dict(params)
         ctx = TaskContext.get()
@@ -68,13 +68,12 @@ def _generate_fn(model: dict, params: dict, threads: int, chunk_rows: int, fault
                         state["metrics"] = state["metrics"].merge(one.metrics)
                         outs.append(one[0])
                     except Exception as e:  # noqa: BLE001
-                        outs.append(type("Failed", (), {"error": f"generator error: {type(e).__name__}: {e}",
-                                                        "outputs": [], "prompt_token_ids": p})())
+                        outs.append(RequestOutput(len(outs), None, p, error=f"generator error: {type(e).__name__}: {e}"))
             ok_lengths = [len(r.prompt_token_ids) for r in outs if r.error is None]
             real, total = batch_padding(ok_lengths, gen.max_batch_size)
             state["real"] += real
             state["total"] += total
-            state["rows"] += len(outs)
+            state["rows"] += sum(r.error is None for r in outs)
             rows = []
             for r, rid, text, row in zip(outs, chunk["id"], chunk["text"], chunk["row"]):
                 if r.error is None:
@@ -152,10 +151,10 @@ def summarize(metric_rows: list[dict], wall_s: float) -> dict:
     gen_tokens, real_pad = total("generated_tokens"), total("real_tokens") + total("padded_tokens")
     prefill, decode = total("prefill_s"), total("decode_s")
     return {
-        "wall_s": wall_s, "partitions": len(metric_rows), "rows": total("rows") - total("n_rejected"),
-        "rows_rejected": total("n_rejected"), "prompt_tokens": total("prompt_tokens"),
+        "wall_s": wall_s, "partitions": len(metric_rows), "rows": total("rows"),
+        "rows_rejected": total("n_prompts") - total("rows"), "prompt_tokens": total("prompt_tokens"),
         "generated_tokens": gen_tokens, "tokens_per_s": gen_tokens / wall_s if wall_s else 0.0,
-        "rows_per_s": (total("rows") - total("n_rejected")) / wall_s if wall_s else 0.0,
+        "rows_per_s": total("rows") / wall_s if wall_s else 0.0,
         "prompt_tokens_per_s": total("prompt_tokens") / wall_s if wall_s else 0.0,
         "latency_p50_s": float(np.percentile(lat, 50)) if lat else 0.0,
         "latency_p95_s": float(np.percentile(lat, 95)) if lat else 0.0,
