@@ -53,11 +53,12 @@ fi
 bench -m mode=multi size=$SIZES workload.input_tokens=[64] workload.output_tokens=[16] \
     workload.batch_size=[4,16] workload.warm_each_point=false $D
 
-# 3. Throughput vs batch size on mixed lengths: arrival order vs sorted by length.
+# 3. Throughput vs batch size on mixed lengths: arrival order vs sorted by length, in our packed
+#    engine and in an emulated padded one (every row padded to its batch's longest, the talk's setting).
 # (repeats=2 without a separate warm run: the fastest repeat is the warm one)
 bench mode=multi size=$SORT_MODEL workload.input_tokens=[$SORT_IN] workload.input_spread=0.9 workload.output_tokens=[16] \
     workload.batch_size=$BATCHES workload.n_prompts=$NPROMPTS workload.sorted=[false,true] \
-    workload.repeats=2 workload.warm_each_point=false $D
+    workload.pad_to_longest=[false,true] workload.repeats=2 workload.warm_each_point=false $D
 
 # 4. OOM boundary: largest batch per model under each memory budget ("device").
 if [ "$DEVICE" = cpu ]; then
@@ -70,10 +71,9 @@ fi
 # 5. Real-corpus replay with the talk's preset test1: our generator, then the Spark pipeline.
 bench mode=replay replay.via=libinfer size=llama_35m generation=test1 replay.limit=$REPLAY_LIMIT \
     replay.batch_size=[8] replay.sorted=[false,true] $D
-if [ "$STUDY" = full ]; then
-    bench mode=replay replay.via=pipeline model=smollm2_135m generation=test1 replay.sorted=[false,true] $D \
-        || echo "replay via jobs.pipeline failed: see the error above"
-fi
+if [ "$STUDY" = full ]; then REPLAY_MODEL=model=smollm2_135m; else REPLAY_MODEL=size=llama_35m; fi
+bench mode=replay replay.via=pipeline $REPLAY_MODEL generation=test1 replay.limit=$REPLAY_LIMIT \
+    replay.sorted=[false,true] $D || echo "replay via jobs.pipeline failed: see the error above"
 
 # 6. The report: figures, tables, predictor (largest model held out).
 "$PY" -m jobs.report sweep="$SWEEP" out="$OUT" baseline="llama_140m $DEVICE $DTYPE tp1" \

@@ -48,6 +48,7 @@ class WorkloadConf:
     input_spread: float = 0.0              # prompt lengths uniform in L(1 +- spread); 0 = all equal
     batching: str = "static"               # static (the talk's fixed batches) | continuous
     max_batch_tokens: Optional[int] = None  # prefill tokens per step; null = the whole batch at once
+    pad_to_longest: List[bool] = field(default_factory=lambda: [False])   # emulate a padded engine (HF, FT)
     repeats: int = 1                       # timed repeats per point; the fastest is logged
     warm_each_point: bool = True           # untimed run of the point's shape first
     seed: int = 0
@@ -208,9 +209,10 @@ def grid(cfg) -> list:
     w = cfg.workload
     batches = [1] if cfg.mode == "single" else list(w.batch_size)
     sorts = [False] if cfg.mode == "single" else list(w.sorted)
+    pads = [False] if cfg.mode == "single" else list(w.pad_to_longest)
     return [Workload(i, o, b, n_prompts=w.n_prompts, input_spread=w.input_spread, sorted=s, batching=w.batching,
-                     max_batch_tokens=w.max_batch_tokens, seed=w.seed)
-            for i, o, b, s in itertools.product(w.input_tokens, w.output_tokens, batches, sorts)]
+                     max_batch_tokens=w.max_batch_tokens, pad_to_longest=pad, seed=w.seed)
+            for i, o, b, s, pad in itertools.product(w.input_tokens, w.output_tokens, batches, sorts, pads)]
 
 
 class Progress:
@@ -226,7 +228,7 @@ class Progress:
 
 def fmt_point(m: dict) -> str:
     return (f"e2e {m['wall_s']:.3f}s ttft {m['ttft_s']:.3f}s tpot {1e3 * m['tpot_s']:.1f}ms "
-            f"{m['tokens_per_s']:.1f} tok/s pad {100 * m['padding_waste']:.0f}% "
+            f"{m['tokens_per_s']:.1f} tok/s pad {100 * (m['padding_waste'] + m.get('prefill_padding', 0)):.0f}% "
             f"peak {m['peak_memory_bytes'] / 2**20:.0f}MiB")
 
 
@@ -250,7 +252,7 @@ def run_synthetic(cfg, gen, parent: str, base: dict) -> list[dict]:
         m = measure(gen, wl, repeats=cfg.workload.repeats, warm=cfg.workload.warm_each_point)
         params = point_params(cfg, gen, wl.params())
         name = f"{cfg.model.name} in{wl.input_tokens} out{wl.output_tokens} b{wl.batch_size}" + \
-            (" sorted" if wl.sorted else "")
+            (" sorted" if wl.sorted else "") + (" padded" if wl.pad_to_longest else "")
         log_point(parent, name, params, {**m, **base})
         prog.step(f"{name}: {fmt_point(m)}")
         out.append({**params, **m})
@@ -316,6 +318,16 @@ def refresh_oom_table(parent: str) -> str:
 
 # --------------------------------------------------------------------- replay
 
+def corpus_path(cfg) -> str:
+    """The corpus as given, or relative to the repository (the default ships with it)."""
+    p = Path(cfg.replay.corpus)
+    if not p.exists() and not p.is_absolute() and (Path(__file__).parent.parent / p).exists():
+        p = Path(__file__).parent.parent / p
+    if not p.exists():
+        raise ConfigError("replay.corpus", f"{cfg.replay.corpus} does not exist")
+    return str(p.resolve())
+
+
 def read_corpus(path: str, column: str, limit: int) -> list[str]:
     import json
     rows = []
@@ -342,7 +354,7 @@ def run_replay(cfg, gen, parent: str, base: dict) -> list[dict]:
     import statistics
     from jobs._config import generation_params
     params = generation_params(cfg.generation)
-    texts = read_corpus(cfg.replay.corpus, cfg.replay.text_column, cfg.replay.limit)
+    texts = read_corpus(corpus_path(cfg), cfg.replay.text_column, cfg.replay.limit)
     if not texts:
         raise ConfigError("replay.corpus", f"no rows with a '{cfg.replay.text_column}' text in {cfg.replay.corpus}")
     ids = [gen.encode(t, params) for t in texts]
@@ -388,7 +400,7 @@ def pipeline_overrides(cfg, sort: bool, outdir: str, run_name: str) -> list[str]
     else:
         args += [f"model={choices.get('model', cfg.model.name)}"]
     args += [o for o in task if o.split("=", 1)[0].lstrip("+~").startswith(("generation.", "model.", "spark"))]
-    args += [f"data.path={cfg.replay.corpus}", f"data.text_column={cfg.replay.text_column}",
+    args += [f"data.path={corpus_path(cfg)}", f"data.text_column={cfg.replay.text_column}",
              f"data.limit={cfg.replay.limit}", f"data.sort_by_length={str(sort).lower()}", f"out={outdir}",
              "overwrite=true", f"mlflow.tracking_uri={cfg.mlflow.tracking_uri}",
              f"mlflow.experiment={cfg.mlflow.experiment}", f"mlflow.run_name={run_name}",
@@ -401,6 +413,8 @@ def run_replay_pipeline(cfg, parent: str, base: dict) -> list[dict]:
     a whole process, and copy its MLflow metrics into a point run."""
     import subprocess
     import mlflow
+    from jobs._model import ensure_model
+    ensure_model(cfg.model)          # a ladder size is written here, not by the pipeline's tiny default
     out = []
     prog = Progress(len(cfg.replay.sorted), f"{cfg.model.name} replay via jobs.pipeline")
     for srt in cfg.replay.sorted:
@@ -423,9 +437,12 @@ def run_replay_pipeline(cfg, parent: str, base: dict) -> list[dict]:
                    # the common names the report reads
                    "wall_s": pm.get("generate.wall_s", wall), "tokens_per_s": pm.get("generate.tokens_per_s", 0.0),
                    "padding_waste": pm.get("generate.padding_waste", 0.0)}
+        rows = pm.get("generate.rows") or 0
         p = {"mode": "replay", "model": cfg.model.name, "sorted": srt, "corpus": cfg.replay.corpus,
              "replay_via": "pipeline", "pipeline_run_id": runs[0].info.run_id, "device": cfg.model.device,
-             "dtype": cfg.model.dtype, "tp_size": cfg.model.tp_size}
+             "dtype": cfg.model.dtype, "tp_size": cfg.model.tp_size, "batch_size": cfg.model.max_batch_size,
+             "n_prompts": int(rows),
+             "input_tokens": round(pm.get("generate.prompt_tokens", 0) / rows) if rows else 0}
         name = f"{cfg.model.name} replay pipeline" + (" sorted" if srt else " unsorted")
         log_point(parent, name, p, metrics)
         prog.step(f"{name}: process {wall:.1f}s, generate {metrics['wall_s']:.1f}s, "

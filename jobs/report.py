@@ -72,8 +72,9 @@ def _coerce(params: dict) -> dict:
                 out[k] = float(out[k])
             except ValueError:
                 pass
-    if "sorted" in out:
-        out["sorted"] = str(out["sorted"]).lower() == "true"
+    for k in ("sorted", "pad_to_longest"):
+        if k in out:
+            out[k] = str(out[k]).lower() == "true"
     return out
 
 
@@ -187,6 +188,8 @@ def workload_key(p) -> str:
          f"b{p.get('batch_size', 0):.0f}")
     if p.get("mode") in ("multi", "replay"):
         s += " sorted" if p.get("sorted") else " unsorted"
+    if p.get("pad_to_longest"):
+        s += " padded"
     return s
 
 
@@ -228,18 +231,27 @@ def speedup_table(points, baseline: str | None, metric: str = "wall_s") -> tuple
 def throughput_summary(points) -> str:
     """Sorted vs unsorted tokens/s per batch size (multi and replay points)."""
     lines = ["## Throughput: sorted vs unsorted (generated tokens/s)", "",
-             "| mode | config | input (spread) | batch | unsorted | sorted | sorted/unsorted | padding unsorted | padding sorted |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "engine: packed = libinfer (prompts packed without padding; only decode attention pads), "
+             "padded = every prompt left-padded to its batch's longest (HF generate / FasterTransformer static "
+             "batches, the talk's setting), jobs.pipeline = the Spark job end to end (its length clustering "
+             "instead of `sorted`). Padding: prefill + decode-attention share of the work.", "",
+             "| mode | config | engine | input (spread) | batch | unsorted | sorted | sorted/unsorted | padding unsorted | padding sorted |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     pts = [p for p in points if p.get("mode") in ("multi", "replay")]
-    for (mode, lb, i, spread, b), grp in by([{**p, "label": label(p)} for p in pts],
-                                            "mode", "label", "input_tokens", "input_spread", "batch_size").items():
+    def engine(p):
+        if p.get("replay_via") == "pipeline":
+            return "jobs.pipeline"
+        return "padded" if p.get("pad_to_longest") else "packed"
+    for (mode, lb, eng, i, spread, b), grp in by([{**p, "label": label(p), "engine": engine(p)} for p in pts],
+                                                 "mode", "label", "engine", "input_tokens", "input_spread", "batch_size").items():
         s = [p for p in grp if p.get("sorted")]
         u = [p for p in grp if not p.get("sorted")]
         if not s or not u:
             continue
         ts, tu = (statistics.median(x["tokens_per_s"] for x in g) for g in (s, u))
-        ps, pu = (statistics.median(x.get("padding_waste", 0) for x in g) for g in (s, u))
-        lines.append(f"| {mode} | {lb} | {i or 0:.0f} ({100 * (spread or 0):.0f}%) | {b or 0:.0f} | {tu:.1f} | {ts:.1f} | {ts / tu:.2f} | "
+        ps, pu = (statistics.median(x.get("prefill_padding", 0) + x.get("padding_waste", 0) for x in g) for g in (s, u))
+        lines.append(f"| {mode} | {lb} | {eng} | {i or 0:.0f} ({100 * (spread or 0):.0f}%) | "
+                     f"{b or 0:.0f} | {tu:.1f} | {ts:.1f} | {ts / tu:.2f} | "
                      f"{100 * pu:.0f}% | {100 * ps:.0f}% |")
     return "\n".join(lines) + "\n"
 
@@ -259,9 +271,13 @@ def fig_latency_vs_output(points, path: Path) -> bool:
         return False
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    colors = {lb: f"C{k % 10}" for k, lb in enumerate(ordered_labels(pts))}
+    inputs = sorted({p["input_tokens"] for p in pts})
+    styles = {i: ("-", "--", ":", "-.")[k % 4] for k, i in enumerate(reversed(inputs))}
     for (lb, i), grp in by([{**p, "label": label(p)} for p in pts], "label", "input_tokens").items():
         grp = sorted(grp, key=lambda p: p["output_tokens"])
-        ax.plot([p["output_tokens"] for p in grp], [p["wall_s"] for p in grp], "o-", label=f"{lb}, in {i:.0f}")
+        ax.plot([p["output_tokens"] for p in grp], [p["wall_s"] for p in grp], "o", linestyle=styles[i],
+                color=colors[lb], label=f"{lb}, in {i:.0f}")
     ax.set(xlabel="generated tokens (ignore_eos)", ylabel="end-to-end latency (s)",
            title="Latency vs generated tokens (batch 1)")
     ax.grid(alpha=.3)
@@ -278,14 +294,19 @@ def fig_memory(points, path: Path) -> bool:
     if not pts:
         return False
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
     for lb, grp in by([{**p, "label": label(p)} for p in pts], "label").items():
         grp = sorted(grp, key=lambda p: p["input_tokens"] * p["batch_size"])
-        ax.plot([p["input_tokens"] * p["batch_size"] for p in grp], [p["peak_memory_bytes"] / 2**20 for p in grp],
-                "o", label=lb[0], alpha=.8)
+        x = [p["input_tokens"] * p["batch_size"] for p in grp]
+        y = [p["peak_memory_bytes"] / 2**20 for p in grp]
+        ax.plot(x, y, "o", label=lb[0], alpha=.8)
+        ax2.plot(x, [v - min(y) for v in y], "o-", label=lb[0], alpha=.8)   # above the model's own floor
     ax.set(xscale="log", xlabel="input tokens x batch size", ylabel="peak memory (MiB)",
-           title="Peak memory vs input tokens x batch")
-    ax.grid(alpha=.3)
+           title="Peak memory (runtime + weights + KV + activations)")
+    ax2.set(xlabel="input tokens x batch size", ylabel="MiB above the config's smallest run",
+            title="Growth: KV cache + activations")
+    for a in (ax, ax2):
+        a.grid(alpha=.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -312,18 +333,22 @@ def fig_model_size(points, sr: dict, path: Path) -> bool:
 
 
 def fig_throughput(points, path: Path) -> bool:
-    pts = [{**p, "label": label(p)} for p in points if p.get("mode") == "multi"]
+    pts = [{**p, "label": label(p), "pad": bool(p.get("pad_to_longest"))} for p in points if p.get("mode") == "multi"]
     # the sort study: workloads measured both sorted and unsorted
-    both = {k for k, g in by(pts, "label", "input_tokens", "input_spread").items() if len({p["sorted"] for p in g}) == 2}
-    pts = [p for p in pts if (p["label"], p["input_tokens"], p.get("input_spread")) in both]
+    keys = ("label", "pad", "input_tokens", "input_spread")
+    both = {k for k, g in by(pts, *keys).items() if len({p["sorted"] for p in g}) == 2}
+    pts = [p for p in pts if tuple(p.get(k) for k in keys) in both]
     if not pts:
         return False
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for (lb, i, spread, srt), grp in by(pts, "label", "input_tokens", "input_spread", "sorted").items():
+    colors = {}
+    for (lb, pad, i, spread, srt), grp in by(pts, *keys, "sorted").items():
         grp = sorted(grp, key=lambda p: p["batch_size"])
-        ax.plot([p["batch_size"] for p in grp], [p["tokens_per_s"] for p in grp], "o-" if srt else "s--",
-                label=f"{lb}, in {i:.0f} +-{100 * (spread or 0):.0f}%, {'sorted' if srt else 'unsorted'}")
+        c = colors.setdefault((lb, pad, i, spread), f"C{len(colors) % 10}")
+        ax.plot([p["batch_size"] for p in grp], [p["tokens_per_s"] for p in grp], "o-" if srt else "s--", color=c,
+                label=f"{lb} {'padded' if pad else 'packed'}, in {i:.0f}+-{100 * (spread or 0):.0f}%, "
+                      f"{'sorted' if srt else 'unsorted'}")
     ax.set(xscale="log", xlabel="batch size", ylabel="generated tokens/s", title="Throughput vs batch size")
     ax.set_xscale("log", base=2)
     ax.grid(alpha=.3)

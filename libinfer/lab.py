@@ -99,6 +99,9 @@ class Workload:
     sorted: bool = False            # order prompts by length before batching
     batching: str = "static"        # static (the talk's fixed batches) | continuous
     max_batch_tokens: int | None = None   # prefill tokens per step; None = the whole batch at once
+    # Emulate a padded engine (HF generate, FasterTransformer's static batches): every prompt
+    # of a batch is left-padded to the batch's longest, so every row pays for the longest one.
+    pad_to_longest: bool = False
     seed: int = 0
 
     @property
@@ -109,6 +112,16 @@ class Workload:
         d = asdict(self)
         d["n_prompts"] = self.prompts_count
         return d
+
+
+def pad_batches(prompts: list[list[int]], batch_size: int, filler: int) -> list[list[int]]:
+    """Left-pad each consecutive batch's prompts to that batch's longest prompt."""
+    out = []
+    for a in range(0, len(prompts), batch_size):
+        chunk = prompts[a:a + batch_size]
+        longest = max(len(p) for p in chunk)
+        out += [[filler] * (longest - len(p)) + p for p in chunk]
+    return out
 
 
 def release_cache(gen: Generator) -> None:
@@ -188,7 +201,10 @@ def measure(gen: Generator, wl: Workload, repeats: int = 1, warm: bool = True,
     prompts = synthetic_prompts(lens, gen.config.vocab_size, wl.seed)
     if wl.sorted:
         prompts.sort(key=len)
-    configure(gen, wl, lens, kv_cache_gb)
+    real = sum(lens)
+    if wl.pad_to_longest:
+        prompts = pad_batches(prompts, wl.batch_size, filler=prompts[0][0])
+    configure(gen, wl, [len(p) for p in prompts], kv_cache_gb)
     release_cache(gen)
     extra = {"point_warmup_s": 0.0}
     if warm:
@@ -202,6 +218,7 @@ def measure(gen: Generator, wl: Workload, repeats: int = 1, warm: bool = True,
     out["repeats"] = len(runs)
     out["wall_s_spread"] = max(r["wall_s"] for r in runs) / out["wall_s"] - 1 if out["wall_s"] else 0.0
     out.update(extra)
+    out["prefill_padding"] = 1 - real / sum(len(p) for p in prompts)
     out["mean_prompt_tokens"] = sum(lens) / len(lens)
     out["max_prompt_tokens"] = max(lens)
     return out

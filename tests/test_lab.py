@@ -132,7 +132,10 @@ def lab(tmp_path_factory):
                                                                "workload.output_tokens=[2,6]", *m)))
     out["multi"] = benchmark.run(_cfg(tmp, "mode=multi", "workload.input_tokens=[16]", "workload.output_tokens=[3]",
                                       "workload.batch_size=[1,4]", "workload.sorted=[false,true]",
-                                      "workload.input_spread=0.8", "workload.n_prompts=8", *small))
+                                      "workload.pad_to_longest=[false,true]", "workload.input_spread=0.8",
+                                      "workload.n_prompts=8", *small))
+    out["replay"] = benchmark.run(_cfg(tmp, "mode=replay", "replay.via=libinfer", "replay.limit=8",
+                                       "replay.batch_size=[4]", "generation=test1", *small))
     # Synthetic budget on the (deterministic) KV-cache size: room for exactly 37.5 rows.
     kv_row = ModelConfig.from_hf(llama_config(hidden_size=128, n_layers=1, n_heads=4, n_kv_heads=2,
                                               intermediate_size=256)).kv_bytes_per_token(torch.float32) * 64
@@ -155,7 +158,7 @@ def test_every_point_is_a_nested_run_with_the_speed_metrics(lab):
     parents = mlflow.search_runs([exp.experiment_id], "tags.`lab.role` = 'sweep'", output_format="list")
     assert len(parents) == 1 and parents[0].info.run_name == "ci"
     points = mlflow.search_runs([exp.experiment_id], "tags.`lab.role` = 'point'", output_format="list")
-    assert len(points) == 8 + 4 + len(lab["oom"]) + 1 + 3
+    assert len(points) == 8 + 8 + 2 + len(lab["oom"]) + 1 + 3
     assert {p.data.tags["mlflow.parentRunId"] for p in points} == {parents[0].info.run_id}
     for p in points:
         if p.data.params["mode"] in ("single", "multi"):
@@ -172,6 +175,19 @@ def test_every_point_is_a_nested_run_with_the_speed_metrics(lab):
     for r in single:
         assert r["generated_tokens"] == r["output_tokens"] and r["decode_steps"] == r["output_tokens"] - 1
         assert r["prompt_tokens"] == r["input_tokens"] and 0 < r["ttft_s"] <= r["wall_s"]
+
+
+def test_sorting_and_padding_are_measured(lab):
+    m = {(r["batch_size"], r["sorted"], r["pad_to_longest"]): r for r in lab["multi"]}
+    # batch 1 has nothing to pad; in batches of 4, sorting by length cuts the padding
+    assert m[(1, False, True)]["prefill_padding"] == 0 and m[(1, False, False)]["padding_waste"] == 0
+    assert m[(4, True, True)]["prefill_padding"] < m[(4, False, True)]["prefill_padding"]
+    assert m[(4, True, False)]["padding_waste"] < m[(4, False, False)]["padding_waste"]
+    assert m[(4, False, False)]["prefill_padding"] == 0       # our engine packs prompts: no prefill padding
+    assert m[(4, False, True)]["prompt_tokens"] > m[(4, False, False)]["prompt_tokens"]
+    rp = {r["sorted"]: r for r in lab["replay"]}
+    assert rp[True]["n_prompts"] == rp[False]["n_prompts"] == 8 and rp[True]["prompt_tokens"] == rp[False]["prompt_tokens"]
+    assert rp[True]["padding_waste"] < rp[False]["padding_waste"]
 
 
 def test_oom_search_finds_the_synthetic_budgets_boundary(lab):
@@ -201,11 +217,12 @@ def test_report_writes_figures_tables_and_predictor(lab, tmp_path):
     metrics = report.run(cfg)
     rep = tmp_path / "rep"
     for fig in ("latency_vs_output_tokens.png", "memory_vs_tokens_x_batch.png", "time_vs_model_size.png",
-                "throughput_vs_batch.png"):
+                "throughput_vs_batch.png", "replay.png"):
         assert (rep / fig).stat().st_size > 5000, fig
     speed = (rep / "speedup.md").read_text()
     assert "tiny_a cpu float32 tp1 = 1" in speed and "| single in24 out6 b1 | 1.00 |" in speed
     assert "**37**" in (rep / "oom_table.md").read_text()
+    assert "| replay | tiny_a cpu float32 tp1 | packed |" in (rep / "report.md").read_text()
     pred = (rep / "predictor.md").read_text()
     assert "Held out **tiny_b**" in pred and "llama_35m" in pred
     assert metrics["size_2x_time_ratio"] > 0 and "predictor_latency_heldout_mape" in metrics
