@@ -198,6 +198,23 @@ class Generator:
     def decode_text(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
+    def score(self, prompt_ids: Seq[int], continuation_ids: Seq[int]) -> list[float]:
+        """Log-probability of each continuation token given the prompt and the continuation
+        tokens before it (teacher forcing): one forward pass over prompt + continuation."""
+        model = getattr(self.runner, "model", None)
+        if model is None:
+            raise NotImplementedError("score needs the model in this process (tp_size=1)")
+        ids = [int(t) for t in prompt_ids] + [int(t) for t in continuation_ids]
+        if not prompt_ids or not continuation_ids:
+            return []
+        if len(ids) > self.max_model_len:
+            raise ValueError(f"{len(ids)} tokens exceed the model context of {self.max_model_len}")
+        logits = model.forward_logits(torch.tensor(ids, dtype=torch.long, device=self.device))
+        n_prompt = len(prompt_ids)
+        logprobs = torch.log_softmax(logits[n_prompt - 1:-1], dim=-1)      # position i predicts token i+1
+        target = torch.tensor(ids[n_prompt:], device=logprobs.device)
+        return logprobs.gather(1, target[:, None])[:, 0].tolist()
+
     # --------------------------------------------------------------- the loop
 
     def generate(self, prompts: Seq[str] | Seq[Seq[int]], params: GenerationParams | None = None) -> Results:

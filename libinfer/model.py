@@ -180,6 +180,20 @@ class Transformer(nn.Module):
         return self.logits(h[last])
 
     @torch.inference_mode()
+    def forward_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens: [T] one sequence; fp32 logits of every position [T, V] (for scoring:
+        the prefill path over a throwaway one-slot cache)."""
+        n = tokens.shape[0]
+        p = self.lm_head.weight
+        cache = KVCache(1, 1, self.layers[0].attn.n_kv_heads, n, self.cfg.head_dim, p.dtype, p.device)
+        pos = torch.arange(n, device=tokens.device)
+        h = self.embed(tokens)
+        for layer in self.layers:
+            h = h + layer.attn.prefill(layer.attn_norm(h), pos, [(0, n, 0)], [0], cache.k[0], cache.v[0], self.rope)
+            h = h + layer.mlp(layer.mlp_norm(h))
+        return self.logits(h)
+
+    @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """tokens, pos: [B] (row b in slot b); returns fp32 logits [B, V]."""
         L = int(pos.max()) + 1
