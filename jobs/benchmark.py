@@ -175,13 +175,17 @@ def get_generator(cfg):
         if old is not None:
             old.close()
             del old
-        _CACHE.clear()
+        _CACHE.pop("key", None)
         import gc
         from libinfer.lab import trim_heap
         gc.collect()
         trim_heap()
         print(f"loading {m.name} ({m.dtype}, {m.device}, tp={m.tp_size}) ...", flush=True)
         _CACHE.update(key=key, gen=build_generator(m), fresh=True)
+        if not _CACHE.get("atexit"):   # stop tensor-parallel ranks cleanly when the process ends
+            import atexit
+            atexit.register(lambda: _CACHE["gen"].close() if _CACHE.get("gen") is not None else None)
+            _CACHE["atexit"] = True
     else:
         _CACHE["fresh"] = False
     return _CACHE["gen"]

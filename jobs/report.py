@@ -384,10 +384,14 @@ def predictor_report(points, cfg_pred) -> tuple[str, list[dict], dict]:
     from libinfer import predictor
     from libinfer.lab import SIZES, size_config
     recs = [p for p in points if p.get("mode") in ("single", "multi") and p.get("n_params") and "wall_s" in p]
-    if len({p["model"] for p in recs}) < 2:
-        return "## Predictor\n\nNeeds single/multi runs of at least two model sizes.\n", [], {}
+    # The coefficients are hardware numbers of one device and dtype: fit the largest such group.
+    groups = [g for g in by(recs, "device", "dtype", "tp_size").items() if len({p["model"] for p in g[1]}) >= 2]
+    if not groups:
+        return "## Predictor\n\nNeeds single/multi runs of at least two model sizes on one device/dtype.\n", [], {}
+    (dev, dt, tp), recs = max(groups, key=lambda g: len(g[1]))
     lines = ["## Predictor: latency and peak memory from (params, input, output, batch, tp)", "",
-             "Non-negative least squares on relative error; every coefficient is a hardware number. "
+             f"Fitted on the {len(recs)} single/multi runs on {dev} {dt} tp{int(tp or 1)} (the largest device/dtype "
+             "group). Non-negative least squares on relative error; every coefficient is a hardware number. "
              "Held out: every run of the largest model (fitted on the smaller ones only).", ""]
     metrics, preds = {}, []
     fits = {}
