@@ -13,6 +13,11 @@ Model load and warm-up are timed separately and never enter a point's timings.
 """
 from __future__ import annotations
 
+if not __package__:  # run as a file (python jobs/benchmark.py): import as jobs.*
+    import os as _os
+    import sys as _sys
+    _sys.path.insert(0, _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
+
 import itertools
 import re
 import logging

@@ -18,6 +18,11 @@ under the sweep's parent when a sweep is given:
 """
 from __future__ import annotations
 
+if not __package__:  # run as a file (python jobs/report.py): import as jobs.*
+    import os as _os
+    import sys as _sys
+    _sys.path.insert(0, _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
+
 import logging
 import re
 import math
