@@ -168,30 +168,30 @@ class Transformer(nn.Module):
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(h)).float()
 
-    @torch.inference_mode()
-    def prefill(self, tokens: torch.Tensor, spans, slots, cache: KVCache) -> torch.Tensor:
-        """tokens: [T] packed prompt chunks; returns fp32 logits of each chunk's last token [S, V]."""
+    def _layers_prefill(self, tokens, spans, slots, cache: KVCache) -> torch.Tensor:
         pos = torch.cat([torch.arange(start, start + n, device=tokens.device) for _, n, start in spans])
         h = self.embed(tokens)
         for i, layer in enumerate(self.layers):
             h = h + layer.attn.prefill(layer.attn_norm(h), pos, spans, slots, cache.k[i], cache.v[i], self.rope)
             h = h + layer.mlp(layer.mlp_norm(h))
+        return h
+
+    @torch.inference_mode()
+    def prefill(self, tokens: torch.Tensor, spans, slots, cache: KVCache) -> torch.Tensor:
+        """tokens: [T] packed prompt chunks; returns fp32 logits of each chunk's last token [S, V]
+        (the LM head runs on those rows only)."""
+        h = self._layers_prefill(tokens, spans, slots, cache)
         last = torch.tensor([off + n - 1 for off, n, _ in spans], device=tokens.device)
         return self.logits(h[last])
 
     @torch.inference_mode()
     def forward_logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens: [T] one sequence; fp32 logits of every position [T, V] (for scoring:
-        the prefill path over a throwaway one-slot cache)."""
+        """tokens: [T] one sequence; fp32 logits of every position [T, V] (for scoring),
+        through the prefill path with a throwaway one-slot cache."""
         n = tokens.shape[0]
         p = self.lm_head.weight
-        cache = KVCache(1, 1, self.layers[0].attn.n_kv_heads, n, self.cfg.head_dim, p.dtype, p.device)
-        pos = torch.arange(n, device=tokens.device)
-        h = self.embed(tokens)
-        for layer in self.layers:
-            h = h + layer.attn.prefill(layer.attn_norm(h), pos, [(0, n, 0)], [0], cache.k[0], cache.v[0], self.rope)
-            h = h + layer.mlp(layer.mlp_norm(h))
-        return self.logits(h)
+        cache = KVCache(self.cfg.n_layers, 1, self.layers[0].attn.n_kv_heads, n, self.cfg.head_dim, p.dtype, p.device)
+        return self.logits(self._layers_prefill(tokens, [(0, n, 0)], [0], cache))
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
