@@ -252,9 +252,9 @@ class Generator:
         by_budget = int(self.kv_cache_gb * 2**30 // per_slot)
         want = min(self.max_batch_size, sum(r.n for r in requests))
         n_slots = max(min(want, by_budget), params.n)
-        if by_budget < params.n:
-            log.warning("kv_cache_gb=%.2f holds %d slots of %d tokens; using %d", self.kv_cache_gb, by_budget,
-                        max_len, n_slots)
+        if by_budget < want:
+            log.warning("kv_cache_gb=%.2f holds %d slots of %d tokens (max_batch_size %d): decoding %d rows at a "
+                        "time", self.kv_cache_gb, by_budget, max_len, self.max_batch_size, n_slots)
         return n_slots, max_len
 
     def _run(self, requests, params, results, metrics, t_start) -> None:

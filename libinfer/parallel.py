@@ -122,16 +122,22 @@ def _poll_key(store, key: str, give_up) -> bytes | None:
     """store.get(key) once it exists; polls with check() (store.wait's timeouts log noise),
     spinning briefly so a decode step's command is picked up in microseconds."""
     pause = 1e-5
-    while not store.check([key]):
+    while True:
+        try:
+            if store.check([key]):
+                return store.get(key)
+        except (RuntimeError, OSError):      # the store's owner (rank 0) is gone
+            if give_up(store_lost=True):
+                return None
+            raise
         if give_up():
             return None
         time.sleep(pause)
         pause = min(pause * 2, 0.05)
-    return store.get(key)
 
 
 def _wait_key(store, key: str, procs, deadline: float) -> bytes:
-    def give_up():
+    def give_up(store_lost: bool = False):
         if any(p.poll() is not None for p in procs):
             raise TensorParallelError("a rank exited")
         if time.monotonic() > deadline:
@@ -159,7 +165,7 @@ def _worker_main(rank: int, world: int, port: int, path: str, gguf_file, dtype: 
         store.set(f"ready/{rank}", str(runner.weight_bytes()).encode())
         n = 0
         while True:
-            msg = _poll_key(store, f"cmd/{n}", lambda: os.getppid() != parent)
+            msg = _poll_key(store, f"cmd/{n}", lambda store_lost=False: store_lost or os.getppid() != parent)
             if msg is None:                     # rank 0's process is gone
                 return
             name, args = pickle.loads(msg)
@@ -200,7 +206,9 @@ class TensorParallelRunner:
         dtype_name = str(dtype).removeprefix("torch.")
         self.procs = [subprocess.Popen([sys.executable, "-m", "libinfer.parallel", str(r), str(tp_size),
                                         str(self.store.port), str(ckpt.folder), ckpt.gguf_file or "", dtype_name,
-                                        str(device), str(threads), str(timeout_s)])
+                                        str(device), str(threads), str(timeout_s)],
+                                       # c10d logs a C++ warning when rank 0 goes away; the rank then exits quietly
+                                       env={**os.environ, "TORCH_CPP_LOG_LEVEL": "ERROR"})
                       for r in range(1, tp_size)]
         try:
             deadline = time.monotonic() + timeout_s
