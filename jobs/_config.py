@@ -136,7 +136,7 @@ ROOT_KEYS: dict[str, Any] = {
     "in": None,                 # jobs.generate: the preprocess output directory
     "out": "outputs/run",       # job output directory
     "resume": False,            # skip ids already in out/results (out/quarantine)
-    "overwrite": False,         # replace an existing output instead of refusing
+    "overwrite": True,          # replace an existing output (false: refuse to touch it)
     "chunk_rows": 256,          # rows per generate call inside a partition
     "waves": 1,                 # generate commits its output in this many steps (resume granularity)
     "compare_single_process": False,   # preprocess: also time the same work in one process, no Spark

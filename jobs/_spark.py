@@ -174,11 +174,11 @@ def prepare_output(out: Output, names: list[str], resume: bool, overwrite: bool)
     """Refuse to mix a new run into an existing output unless resume/overwrite says how."""
     existing = [n for n in names if out.has_data(n)]
     if existing and overwrite and not resume:
-        for n in names:
+        for n in [*names, "_staging"]:
             out.delete(n)
     elif existing and not resume:
-        raise JobError(f"{out.path(existing[0])} already holds output; pass resume=true to finish it "
-                       f"or overwrite=true to replace it")
+        raise JobError(f"{out.path(existing[0])} already holds output and overwrite=false; pass resume=true "
+                       f"to finish it or overwrite=true to replace it")
     for n in names:
         out.unmark_complete(n)
 

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import JOB_ROOT, assert_exactly_once
 
-N = 12
+N = 8
 
 
 @pytest.mark.slow
