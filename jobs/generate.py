@@ -229,6 +229,10 @@ def run_generate(spark, cfg, in_dir: str, out: Output, resume: bool) -> dict:
     out.mark_complete("quarantine")
     metrics = summarize(metric_rows, time.perf_counter() - t0)
     metrics["_params"] = params
+    # One line per partition task: which worker ran it, its load, time and peak memory.
+    metrics["_partitions"] = [{k: m[k] for k in ("part", "pid", "attempt", "rows", "prompt_tokens", "generated_tokens",
+                                                  "task_s", "load_s", "peak_memory_bytes", "rss_bytes", "threads")}
+                              for m in sorted(metric_rows, key=lambda m: m["part"])]
     progress(f"generate: {metrics['rows']} rows, {metrics['generated_tokens']} generated tokens in "
              f"{metrics['wall_s']:.1f}s = {metrics.get('tokens_per_s', 0):.1f} tokens/s; padding waste "
              f"{100 * metrics.get('padding_waste', 0):.1f}% (job batches), "
@@ -242,8 +246,11 @@ def log_generate(metrics: dict, prefix: str = "") -> None:
     import mlflow
     from jobs._tracking import log_metrics
     log_metrics({k: v for k, v in metrics.items() if not k.startswith("_")}, prefix=prefix)
-    if mlflow.active_run() is not None and metrics["_params"].get("seed") is not None:
+    if mlflow.active_run() is None:
+        return
+    if metrics["_params"].get("seed") is not None:
         mlflow.set_tag("generation.seed_used", metrics["_params"]["seed"])
+    mlflow.log_dict(metrics["_partitions"], f"{prefix.replace('.', '_')}partitions.json")
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base=None)

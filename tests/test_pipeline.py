@@ -52,4 +52,4 @@ def test_pipeline_cli_real_model(job_env, tmp_path, smollm2):
               "generate.padding_waste", "generate.model_load_s", "generate.peak_memory_bytes", "generate.prefill_s"):
         assert k in run.data.metrics, k
     arts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "preprocess_length_histogram.png"} <= arts
+    assert {"config.yaml", "preprocess_length_histogram.png", "generate_partitions.json"} <= arts
