@@ -60,11 +60,9 @@ def job_cfg(*overrides: str):
 
 @pytest.fixture(scope="session")
 def job_env(tmp_path_factory):
-    """Environment for job subprocesses: a per-session model cache and MLflow store."""
+    """Environment for job subprocesses (Hydra's run dirs in tmp) and a per-session MLflow store."""
     root = tmp_path_factory.mktemp("jobs")
-    env = dict(os.environ, LIBINFER_CACHE=os.environ.get("LIBINFER_CACHE", str(root / "cache")),
-               HYDRA_RUN_ROOT=str(root / "hydra"), PYTHONUNBUFFERED="1")
-    os.environ.setdefault("LIBINFER_CACHE", env["LIBINFER_CACHE"])
+    env = dict(os.environ, HYDRA_RUN_ROOT=str(root / "hydra"), PYTHONUNBUFFERED="1")
     return {"root": root, "env": env, "mlflow_uri": f"sqlite:///{root / 'mlflow.db'}"}
 
 
