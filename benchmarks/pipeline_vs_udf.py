@@ -16,12 +16,14 @@ import datetime
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Pipeline vs predict_batch_udf"
@@ -86,15 +88,6 @@ def timed(cmd: list[str], env: dict, log: Path) -> float:
     return wall
 
 
-def write_section(text: str) -> Path:
-    path = ROOT / "benchmarks" / "RESULTS.md"
-    old = path.read_text() if path.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    new = pattern.sub(lambda _: text, old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
-    path.write_text(new)
-    return path
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=str(ROOT / "data" / "demo_prompts.jsonl"))
@@ -157,7 +150,7 @@ def main() -> None:
             f"{os.getloadavg()[0]:.1f} (a shared machine: other work was running)\n\n")
     print(text)
     if not a.no_write:
-        print(f"wrote {write_section(text)}")
+        print(f"wrote {write_section(SECTION, text)}")
 
 
 if __name__ == "__main__":
