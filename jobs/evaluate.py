@@ -55,6 +55,7 @@ class EvalConf:
     mode: str = "quality"               # quality | determinism
     reference_column: str = "reference"
     perplexity: bool = True             # score references (one extra forward pass per row)
+    target_delimiter: str = " "         # put between prompt and reference when scoring (as lm-eval does)
     repetition_n: int = 2               # n of the word n-grams in repetition_rate
     table_rows: int = 1000              # rows of the outputs table logged to MLflow
     determinism: DeterminismConf = field(default_factory=DeterminismConf)
@@ -101,13 +102,20 @@ def _references_fn(data: dict, ref_col: str):
     return refs
 
 
-def _score_fn(model: dict, start: str, threads: int):
+def scored_reference(reference: str, delimiter: str) -> str:
+    """The text scored after the prompt: "A:" + "Paris" is scored as "A:" + " Paris", the way
+    the model would write it (a reference that starts with whitespace is kept as is)."""
+    return reference if not delimiter or reference[:1].isspace() else delimiter + reference
+
+
+def _score_fn(model: dict, start: str, delimiter: str, threads: int):
     """mapInPandas: log-probabilities of each reference after its prompt (this worker's
     cached generator, as jobs.generate uses it)."""
     def score(batches):
         import pandas as pd
         from jobs._spark import worker_generator
         gen = None
+        delim = "" if start[-1:].isspace() else delimiter   # "" when the prompt already ends with it
         for pdf in batches:
             out = []
             for rid, ids, ref in zip(pdf["id"], pdf["token_ids"], pdf["reference"]):
@@ -119,7 +127,7 @@ def _score_fn(model: dict, start: str, threads: int):
                 prompt = [int(t) for t in ids]
                 if start:
                     prompt += gen.tokenizer(start, add_special_tokens=False).input_ids
-                cont = gen.tokenizer(ref, add_special_tokens=False).input_ids
+                cont = gen.tokenizer(scored_reference(ref, delim), add_special_tokens=False).input_ids
                 try:
                     out.append((rid, gen.score(prompt, cont)))
                 except (ValueError, NotImplementedError):
@@ -151,7 +159,7 @@ def run_evaluate(spark, cfg) -> tuple[dict, "object"]:
         model = OmegaConf.to_container(cfg.model, resolve=True)
         clustered = spark.read.parquet(out.path("clustered")).select("id", "token_ids")
         scored = clustered.join(refs.filter(F.col("reference").isNotNull()), "id").mapInPandas(
-            _score_fn(model, cfg.generation.start, cfg.spark.task_cpus), SCORE_SCHEMA)
+            _score_fn(model, cfg.generation.start, cfg.eval.target_delimiter, cfg.spark.task_cpus), SCORE_SCHEMA)
         table = table.join(scored, "id", "left")
     pdf = table.toPandas().sort_values("id", kind="stable").reset_index(drop=True)
     rows = []

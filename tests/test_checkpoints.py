@@ -170,8 +170,10 @@ def test_evaluate_metrics_hand_checked(spark, tiny_model, tmp_path):
     assert m["avg_generated_tokens"] == pytest.approx(n / 2)
     assert m["stop_hit_rate"] == sum(o.outputs[0].finish_reason == "stop" for o in own) / 2
     # perplexity of the references = exp(mean NLL) of Generator.score over both rows
-    lps = gen.score(own[0].prompt_token_ids, gen.tokenizer(text0, add_special_tokens=False).input_ids) + \
-        gen.score(own[1].prompt_token_ids, gen.tokenizer("\u00a7\u00a7", add_special_tokens=False).input_ids)
+    from jobs.evaluate import scored_reference
+    assert scored_reference("Paris", " ") == " Paris" and scored_reference(" Paris", " ") == " Paris"
+    lps = [lp for o, ref in zip(own, [text0, "\u00a7\u00a7"]) for lp in gen.score(
+        o.prompt_token_ids, gen.tokenizer(scored_reference(ref, " "), add_special_tokens=False).input_ids)]
     assert m["reference_perplexity"] == pytest.approx(quality.perplexity(lps), rel=1e-4)
 
 
