@@ -270,6 +270,17 @@ def _plt():
     return plt
 
 
+
+def _save(fig, ax, path: Path) -> bool:
+    """Common finish of every figure: grid, legend, PNG written, figure closed."""
+    import matplotlib.pyplot as plt
+    ax.grid(alpha=.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
 def fig_latency_vs_output(points, path: Path) -> bool:
     pts = single_points(points)
     if not pts:
@@ -285,12 +296,7 @@ def fig_latency_vs_output(points, path: Path) -> bool:
                 color=colors[lb], label=f"{lb}, in {i:.0f}")
     ax.set(xlabel="generated tokens (ignore_eos)", ylabel="end-to-end latency (s)",
            title="Latency vs generated tokens (batch 1)")
-    ax.grid(alpha=.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(fig, ax, path)
 
 
 def fig_memory(points, path: Path) -> bool:
@@ -356,12 +362,7 @@ def fig_throughput(points, path: Path) -> bool:
                       f"{'sorted' if srt else 'unsorted'}")
     ax.set(xscale="log", xlabel="batch size", ylabel="generated tokens/s", title="Throughput vs batch size")
     ax.set_xscale("log", base=2)
-    ax.grid(alpha=.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(fig, ax, path)
 
 
 def fig_replay(points, path: Path) -> bool:
