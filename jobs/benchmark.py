@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import List, Optional
 
 import hydra
+
+from jobs._spark import entry_point
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
@@ -496,13 +498,10 @@ def run(cfg) -> list[dict]:
 
 
 @hydra.main(config_path="../conf", config_name="benchmark", version_base=None)
+@entry_point
 def main(cfg) -> None:
     logging.basicConfig(level=logging.WARNING)
-    try:
-        run(cfg)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run(cfg)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,8 @@ from pathlib import Path
 from typing import List, Optional
 
 import hydra
+
+from jobs._spark import entry_point
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
@@ -528,12 +530,9 @@ class _null:
 
 
 @hydra.main(config_path="../conf", config_name="report", version_base=None)
+@entry_point
 def main(cfg) -> None:
-    try:
-        run(cfg)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run(cfg)
 
 
 if __name__ == "__main__":
