@@ -13,9 +13,9 @@ import torch
 
 from tests.conftest import JOB_ROOT, write_jsonl
 
-HF_NAMES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
-            "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj",
-            "attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
+from libinfer.loading import _HF_NAMES
+
+HF_NAMES = {ours: hf for hf, ours in _HF_NAMES.items()}   # the loader's own map, inverted for the export
 
 
 def hf_tensors(ckpt) -> dict:
