@@ -78,7 +78,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--min-len", type=int, default=20)
     ap.add_argument("--max-len", type=int, default=500)
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=16, help="rows per batch: the baseline's and ours in static modes")
+    ap.add_argument("--slots", type=int, default=64, help="KV-cache slots of our continuous-batching mode")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-baseline", action="store_true", help="skip transformers (quick engine check)")
     ap.add_argument("--no-write", action="store_true", help="print only; do not touch RESULTS.md or MLflow")
@@ -103,6 +104,7 @@ def main() -> None:
     def ours_run(dtype: str, mode: str):
         g = ours[dtype]
         g.static_batching = mode != "continuous"
+        g.max_batch_size = args.slots if mode == "continuous" else args.batch
         batch = sorted_prompts if mode == "sorted" else prompts
         res = g.generate(batch, params)
         toks = [r.outputs[0].token_ids for r in res]

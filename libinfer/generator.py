@@ -68,11 +68,16 @@ class LocalRunner:
     def dtype(self) -> torch.dtype:
         return self.model.lm_head.weight.dtype
 
-    def allocate(self, n_slots: int, max_len: int) -> KVCache:
+    def allocate(self, n_slots: int, max_len: int, max_bytes: int | None = None) -> KVCache:
+        """A cache of at least n_slots x max_len, reused across calls; when it must grow it
+        grows in both dimensions (fewer re-allocations) as long as that stays in max_bytes."""
         c = self.cache
         if c is None or c.n_slots < n_slots or c.max_len < max_len:
             if c is not None:
-                n_slots, max_len = max(n_slots, c.n_slots), max(max_len, c.max_len)
+                merged = max(n_slots, c.n_slots), max(max_len, c.max_len)
+                per_row_token = c.nbytes // (c.n_slots * c.max_len)
+                if max_bytes is None or merged[0] * merged[1] * per_row_token <= max_bytes:
+                    n_slots, max_len = merged
             self.cache = None  # free the old one before allocating the new one
             cfg = self.model.cfg
             attn = self.model.layers[0].attn
@@ -92,12 +97,7 @@ class LocalRunner:
         self.cache.copy_slot(src, dst, length)
 
     def weight_bytes(self) -> int:
-        seen, total = set(), 0
-        for p in self.model.parameters():
-            if p.data_ptr() not in seen:
-                seen.add(p.data_ptr())
-                total += p.numel() * p.element_size()
-        return total
+        return self.model.weight_nbytes
 
     def close(self) -> None:
         pass
@@ -186,14 +186,37 @@ class Generator:
             ids += self.tokenizer(params.start, add_special_tokens=False).input_ids
         return ids
 
-    def _check_length(self, ids: list[int], params: GenerationParams) -> str | None:
+    def _check_row(self, ids: list[int], params: GenerationParams) -> str | None:
+        """Why this row cannot run (None when it can): it is rejected alone, the others run."""
         if not ids:
             return "empty prompt: it has no tokens"
         limit = self.max_model_len
         if len(ids) + params.out_seq_length > limit:
             return (f"prompt too long: {len(ids)} prompt tokens + out_seq_length {params.out_seq_length} "
                     f"exceed the model context of {limit} tokens")
+        need, budget = (len(ids) + params.out_seq_length) * params.n, self._kv_budget_tokens()
+        if need > budget:
+            return (f"KV cache budget too small: {len(ids)} prompt tokens + out_seq_length {params.out_seq_length} "
+                    f"(x n={params.n}) need {need} cached tokens, kv_cache_gb={self.kv_cache_gb:g} holds {budget}")
         return None
+
+    def _kv_budget_tokens(self) -> int:
+        return int(self.kv_cache_gb * 2**30 // self.config.kv_bytes_per_token(self.dtype))
+
+    def plan_cache(self, prompt_lengths: list[int], params: GenerationParams) -> tuple[int, int]:
+        """KV-cache shape (slots, tokens per slot) for these rows: slots as many as
+        max_batch_size, the rows and kv_cache_gb allow. Every row passed _check_row, so at
+        least one prompt's n candidates fit."""
+        budget = self._kv_budget_tokens()
+        need = max(prompt_lengths) + params.out_seq_length
+        # Round the length up (fewer re-allocations across calls), within context and budget.
+        max_len = min(-(-need // 64) * 64, self.max_model_len, max(need, budget // params.n))
+        want = min(self.max_batch_size, len(prompt_lengths) * params.n)
+        n_slots = min(want, budget // max_len)
+        if n_slots < want:
+            log.warning("kv_cache_gb=%.2f holds %d slots of %d tokens (max_batch_size %d): decoding %d rows at a "
+                        "time", self.kv_cache_gb, n_slots, max_len, self.max_batch_size, n_slots)
+        return n_slots, max_len
 
     def decode_text(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -229,7 +252,7 @@ class Generator:
             text = prompt if isinstance(prompt, str) else None
             try:
                 ids = self.encode(prompt, params)
-                error = self._check_length(ids, params)
+                error = self._check_row(ids, params)
             except (ValueError, TypeError) as e:
                 ids, error = [], str(e)
             results.append(RequestOutput(i, text, ids, error=error))
@@ -245,25 +268,12 @@ class Generator:
         metrics.wall_s = time.perf_counter() - t_start
         return results
 
-    def _plan_cache(self, requests: list[Request], params: GenerationParams) -> tuple[int, int]:
-        max_len = max(len(r.prompt_ids) for r in requests) + params.out_seq_length
-        max_len = min(-(-max_len // 64) * 64, self.max_model_len)       # round up: fewer re-allocations
-        per_slot = max_len * self.config.kv_bytes_per_token(self.dtype)
-        by_budget = int(self.kv_cache_gb * 2**30 // per_slot)
-        want = min(self.max_batch_size, sum(r.n for r in requests))
-        n_slots = max(min(want, by_budget), params.n)
-        if by_budget < want:
-            log.warning("kv_cache_gb=%.2f holds %d slots of %d tokens (max_batch_size %d): decoding %d rows at a "
-                        "time", self.kv_cache_gb, by_budget, max_len, self.max_batch_size, n_slots)
-        return n_slots, max_len
-
     def _run(self, requests, params, results, metrics, t_start) -> None:
-        n_slots, max_len = self._plan_cache(requests, params)
-        cache = self.runner.allocate(n_slots, max_len)
+        n_slots, max_len = self.plan_cache([len(r.prompt_ids) for r in requests], params)
+        cache = self.runner.allocate(n_slots, max_len, int(self.kv_cache_gb * 2**30))
         metrics.kv_cache_bytes, metrics.batch_slots = cache.nbytes, n_slots
         sched = Scheduler(n_slots, self.max_batch_tokens, static=self.static_batching)
-        for r in requests:
-            sched.add(r)
+        sched.add(requests)
         V = self.config.vocab_size
         seen = (torch.zeros(n_slots, V, dtype=torch.bool, device=self.device)
                 if params.repetition_penalty != 1.0 else None)

@@ -160,12 +160,11 @@ def configure(gen: Generator, wl: Workload, prompt_lens: list[int], kv_cache_gb:
 
 
 def preallocate(gen: Generator, wl: Workload, longest: int) -> None:
-    """Allocate the KV cache the timed run will ask for (mirrors Generator._plan_cache)."""
+    """Allocate the KV cache the timed run will ask for (the generator's own plan)."""
     if not hasattr(gen.runner, "allocate"):
         return
-    max_len = min(-(-(longest + wl.output_tokens) // 64) * 64, gen.max_model_len)
-    by_budget = int(gen.kv_cache_gb * 2**30 // (max_len * gen.config.kv_bytes_per_token(gen.dtype)))
-    gen.runner.allocate(max(1, min(wl.batch_size, wl.prompts_count, by_budget)), max_len)
+    n_slots, max_len = gen.plan_cache([longest] * wl.prompts_count, GenerationParams(out_seq_length=wl.output_tokens))
+    gen.runner.allocate(max(1, n_slots), max_len)
 
 
 def _run_once(gen: Generator, prompts, wl: Workload) -> dict[str, float]:

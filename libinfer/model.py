@@ -6,8 +6,11 @@ Hq/Hkv = local query/KV heads, G = Hq // Hkv, D = head_dim, L = cache length.
 Prefill runs the linear layers once over all prompts packed end to end (no padding)
 and attention per sequence. Decode runs one token for each of the B rows that occupy
 cache slots 0..B-1, attending over the slot cache with a per-row length mask.
-The model knows nothing about ranks: `parallel.py` shards its weights and adds the
-all-reduces with forward hooks.
+The model knows nothing about ranks: `parallel.py` shards its weights and sets
+`all_reduce`, which the two row-parallel projections of each block then call.
+
+After loading, `prepare()` turns each projection into a `kernels.Dense` (on CPU in
+bf16: oneDNN-packed weights with SiLU, gate product and residual sum fused in).
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kernels import Dense, packable
 from .loading import ModelConfig
 
 
@@ -26,26 +30,35 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # fp32 statistics, as the reference does, whatever the compute dtype.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, None, self.eps).to(x.dtype)
 
 
 class Rotary:
-    """cos/sin tables for all positions, built once (HF's rotate-half convention)."""
+    """cos/sin tables for all positions, built once (HF's rotate-half convention).
+
+    rotate_half(x) = cat(-x2, x1) is computed as roll(x) = cat(x2, x1) times a sin table
+    whose first half is negated: the same products, bit for bit, in fewer kernels."""
 
     def __init__(self, head_dim: int, base: float, max_pos: int, dtype: torch.dtype, device):
         inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
         freqs = torch.arange(max_pos, device=device, dtype=torch.float32)[:, None] * inv_freq[None, :]
         emb = torch.cat([freqs, freqs], dim=-1)
-        self.cos, self.sin = emb.cos().to(dtype), emb.sin().to(dtype)   # [P, D]
+        half = head_dim // 2
+        self.cos = emb.cos().to(dtype)                                               # [P, D]
+        self.sin = torch.cat([-emb[:, :half].sin(), emb[:, half:].sin()], -1).to(dtype)
 
-    def apply(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        # x: [..., N, heads, D], pos: [N] positions of the N tokens
-        cos, sin = self.cos[pos][:, None, :], self.sin[pos][:, None, :]
-        half = x.shape[-1] // 2
-        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * cos + rotated * sin
+    def at(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tables for the N tokens at positions pos [N], shaped [N, 1, D]: gathered once
+        per forward pass and shared by every layer."""
+        return self.cos[pos][:, None, :], self.sin[pos][:, None, :]
+
+    @staticmethod
+    def apply(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        # x: [N, heads, D]
+        cos, sin = cos_sin
+        return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 
 
 class KVCache:
@@ -73,6 +86,16 @@ class KVCache:
         self.v[:, dst, :, :length] = self.v[:, src, :, :length]
 
 
+def project_out(dense: Dense, x: torch.Tensor, residual: torch.Tensor, all_reduce) -> torch.Tensor:
+    """residual + x W^T for a row-parallel projection: the sum is fused into the product
+    unless the partial products of the ranks must be all-reduced first."""
+    if all_reduce is None:
+        return dense(x, "add", residual)
+    out = dense(x)
+    all_reduce(out)
+    return residual + out
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -80,17 +103,23 @@ class Attention(nn.Module):
         q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
         self.wqkv = nn.Linear(cfg.hidden_size, q + 2 * kv, bias=cfg.attention_bias)   # fused q, k, v
         self.wo = nn.Linear(q, cfg.hidden_size, bias=False)
+        self.qkv = self.o = None
 
-    def _qkv(self, x: torch.Tensor, pos: torch.Tensor, rope: Rotary):
+    def prepare(self) -> None:
+        self.qkv, self.o = Dense(self.wqkv.weight, self.wqkv.bias), Dense(self.wo.weight)
+
+    def _qkv(self, x: torch.Tensor, cos_sin):
+        """q [N, Hq, D] and k [N, Hkv, D] rotated together in one pass, v [N, Hkv, D]."""
         n, d = x.shape[0], self.head_dim
-        q, k, v = self.wqkv(x).split([self.n_heads * d, self.n_kv_heads * d, self.n_kv_heads * d], dim=-1)
-        q = rope.apply(q.view(n, self.n_heads, d), pos)
-        k = rope.apply(k.view(n, self.n_kv_heads, d), pos)
-        return q, k, v.view(n, self.n_kv_heads, d)
+        qkv = self.qkv(x)
+        n_qk = (self.n_heads + self.n_kv_heads) * d
+        qk = Rotary.apply(qkv[:, :n_qk].view(n, self.n_heads + self.n_kv_heads, d), cos_sin)
+        return qk[:, :self.n_heads], qk[:, self.n_heads:], qkv[:, n_qk:].view(n, self.n_kv_heads, d)
 
-    def prefill(self, x, pos, spans, slots, cache_k, cache_v, rope):
-        """x: [T, H] packed; spans: (offset, length, start) per sequence; writes the cache."""
-        q, k, v = self._qkv(x, pos, rope)
+    def prefill(self, x, residual, cos_sin, spans, slots, cache_k, cache_v, all_reduce):
+        """x: [T, H] packed, normed; spans: (offset, length, start) per sequence; writes the
+        cache; returns residual + attention output."""
+        q, k, v = self._qkv(x, cos_sin)
         outs = []
         for (off, n, start), slot in zip(spans, slots):
             end = start + n
@@ -104,21 +133,39 @@ class Attention(nn.Module):
                 mask = torch.ones(n, end, dtype=torch.bool, device=x.device).tril(start)
                 o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=True)
             outs.append(o[0].transpose(0, 1).reshape(n, -1))
-        return self.wo(torch.cat(outs) if len(outs) > 1 else outs[0])
+        return project_out(self.o, torch.cat(outs) if len(outs) > 1 else outs[0], residual, all_reduce)
 
-    def decode(self, x, pos, cache_k, cache_v, mask, rope):
-        """x: [B, H], one token per row; row b lives in slot b at position pos[b]."""
+    def decode(self, x, residual, cos_sin, pos, cache_k, cache_v, mask, groups, all_reduce):
+        """x: [B, H] normed, one token per row; row b lives in slot b at position pos[b].
+        groups: (first row, end row, keys to read) blocks of rows (see attention_groups)."""
         b, d = x.shape[0], self.head_dim
-        q, k, v = self._qkv(x, pos, rope)
+        q, k, v = self._qkv(x, cos_sin)
         rows = torch.arange(b, device=x.device)
         cache_k[rows, :, pos] = k
         cache_v[rows, :, pos] = v
-        L = mask.shape[-1]
         g = self.n_heads // self.n_kv_heads
         # The G query heads of a KV group become G query rows of that group: no repeat of k/v.
         qg = q.view(b, self.n_kv_heads, g, d)
-        o = F.scaled_dot_product_attention(qg, cache_k[:b, :, :L], cache_v[:b, :, :L], attn_mask=mask)
-        return self.wo(o.reshape(b, self.n_heads * d))
+        if len(groups) == 1:
+            L = groups[0][2]
+            o = F.scaled_dot_product_attention(qg, cache_k[:b, :, :L], cache_v[:b, :, :L], attn_mask=mask)
+        else:
+            o = qg.new_empty(qg.shape)
+            for a, e, L in groups:
+                o[a:e] = F.scaled_dot_product_attention(qg[a:e], cache_k[a:e, :, :L], cache_v[a:e, :, :L],
+                                                        attn_mask=mask[a:e, :, :, :L])
+        return project_out(self.o, o.reshape(b, self.n_heads * d), residual, all_reduce)
+
+
+def attention_groups(lengths: list[int], rows: int = 16) -> list[tuple[int, int, int]]:
+    """Split decode attention into blocks of `rows` neighbouring slots, each reading only
+    up to its own longest row: with length-bucketed admission, short rows then skip the
+    long rows' masked cache positions. One block when blocks would save under 1/8."""
+    n, longest = len(lengths), max(lengths)
+    groups = [(a, min(a + rows, n), max(lengths[a:a + rows])) for a in range(0, n, rows)]
+    if all(8 * L >= 7 * longest for _, _, L in groups):
+        return [(0, n, longest)]
+    return groups
 
 
 class FeedForward(nn.Module):
@@ -126,10 +173,24 @@ class FeedForward(nn.Module):
         super().__init__()
         self.w13 = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)  # fused gate, up
         self.w2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up = self.gate = self.up = self.down = None
 
-    def forward(self, x):
-        gate, up = self.w13(x).chunk(2, dim=-1)
-        return self.w2(F.silu(gate) * up)
+    def prepare(self) -> None:
+        w, i = self.w13.weight, self.w13.weight.shape[0] // 2
+        if packable(w):   # two products whose post-ops do silu(gate) * up
+            self.gate, self.up = Dense(w[:i]), Dense(w[i:])
+        else:             # one product, then the elementwise ops
+            self.gate_up = Dense(w)
+        self.down = Dense(self.w2.weight)
+
+    def forward(self, x, residual, all_reduce=None):
+        """x: [N, H] normed; returns residual + MLP(x)."""
+        if self.gate_up is None:
+            act = self.up(x, "mul", self.gate(x, "silu"))
+        else:
+            gate, up = self.gate_up(x).chunk(2, dim=-1)
+            act = F.silu(gate) * up
+        return project_out(self.down, act, residual, all_reduce)
 
 
 class Block(nn.Module):
@@ -150,6 +211,9 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rope: Rotary | None = None
+        self.head: Dense | None = None
+        self.all_reduce = None      # set by parallel.py on a tensor-parallel shard
+        self.weight_nbytes = 0
         self.requires_grad_(False)
 
     @classmethod
@@ -165,15 +229,32 @@ class Transformer(nn.Module):
         p = self.lm_head.weight
         self.rope = Rotary(self.cfg.head_dim, self.cfg.rope_theta, max_pos, p.dtype, p.device)
 
+    def prepare(self) -> None:
+        """Make the loaded weights ready for the hot path (see kernels.py). Where a weight
+        was repacked, the plain copy is released: the model holds its weights once."""
+        self.weight_nbytes = sum(p.numel() * p.element_size() for p in self.parameters())
+        for layer in self.layers:
+            layer.attn.prepare()
+            layer.mlp.prepare()
+        self.head = Dense(self.lm_head.weight)
+        empty = lambda p: nn.Parameter(p.new_empty(0), requires_grad=False)  # noqa: E731
+        for layer in self.layers:
+            for mod in (layer.attn.wqkv, layer.attn.wo, layer.mlp.w13, layer.mlp.w2):
+                if packable(mod.weight):
+                    mod.weight = empty(mod.weight)
+        if self.head.packed is not None and not self.cfg.tie_embeddings:
+            self.lm_head.weight = empty(self.lm_head.weight)
+
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.norm(h)).float()
+        return self.head(self.norm(h)).float()
 
     def _layers_prefill(self, tokens, spans, slots, cache: KVCache) -> torch.Tensor:
         pos = torch.cat([torch.arange(start, start + n, device=tokens.device) for _, n, start in spans])
+        cos_sin = self.rope.at(pos)
         h = self.embed(tokens)
         for i, layer in enumerate(self.layers):
-            h = h + layer.attn.prefill(layer.attn_norm(h), pos, spans, slots, cache.k[i], cache.v[i], self.rope)
-            h = h + layer.mlp(layer.mlp_norm(h))
+            h = layer.attn.prefill(layer.attn_norm(h), h, cos_sin, spans, slots, cache.k[i], cache.v[i], self.all_reduce)
+            h = layer.mlp(layer.mlp_norm(h), h, self.all_reduce)
         return h
 
     @torch.inference_mode()
@@ -196,15 +277,18 @@ class Transformer(nn.Module):
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """tokens, pos: [B] (row b in slot b); returns fp32 logits [B, V]."""
-        L = int(pos.max()) + 1
+        groups = attention_groups([p + 1 for p in pos.tolist()])
+        L = max(e for _, _, e in groups)
         valid = torch.arange(L, device=tokens.device)[None, :] <= pos[:, None]
         mask = torch.zeros(valid.shape, dtype=cache.k.dtype, device=tokens.device)
         mask.masked_fill_(~valid, float("-inf"))
         mask = mask[:, None, None, :]                                   # [B, 1, 1, L]
+        cos_sin = self.rope.at(pos)
         h = self.embed(tokens)
         for i, layer in enumerate(self.layers):
-            h = h + layer.attn.decode(layer.attn_norm(h), pos, cache.k[i], cache.v[i], mask, self.rope)
-            h = h + layer.mlp(layer.mlp_norm(h))
+            h = layer.attn.decode(layer.attn_norm(h), h, cos_sin, pos, cache.k[i], cache.v[i], mask, groups,
+                                  self.all_reduce)
+            h = layer.mlp(layer.mlp_norm(h), h, self.all_reduce)
         return self.logits(h)
 
     def load_weights(self, tensors, shard=None) -> None:
@@ -240,6 +324,7 @@ class Transformer(nn.Module):
             raise ValueError("checkpoint has no lm_head weight but does not tie embeddings")
         if any(pending.values()):
             raise ValueError(f"incomplete projections in checkpoint: {pending and list(pending.items())[0][1].keys()}")
+        self.prepare()
 
     def _fuse(self, layer: Block, group: dict) -> None:
         if all(k in group for k in ("q", "k", "v")):

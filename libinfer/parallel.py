@@ -2,8 +2,8 @@
 
 Attention heads are split along KV groups (a rank owns whole groups: its KV heads and
 their query heads), the MLP along its intermediate dimension. q/k/v and gate/up are
-column-parallel, `wo` and `w2` row-parallel, followed by one all-reduce each (a forward
-hook). Embeddings, norms and the LM head are replicated: the head is ~20% of SmolLM2's
+column-parallel, `wo` and `w2` row-parallel, followed by one all-reduce each (the
+model's `all_reduce`). Embeddings, norms and the LM head are replicated: the head is ~20% of SmolLM2's
 weights, but replicating it saves a gather of [B, vocab] logits on every step.
 Uneven splits are allowed (SmolLM2's 3 KV heads on 2 ranks: 2+1), which vLLM refuses.
 
@@ -101,20 +101,14 @@ def _process_group(store, rank: int, world: int, device: torch.device, timeout_s
 
 
 def build_shard(ckpt: Checkpoint, rank: int, world: int, dtype, device, pg):
-    """This rank's model: local shapes, its slices of the weights, all-reduce hooks."""
+    """This rank's model: local shapes, its slices of the weights, the all-reduce."""
     from .generator import LocalRunner
     from .model import Transformer
     plan = ShardPlan(ckpt.config, rank, world)
     model = Transformer.empty(plan.local_config(), dtype, device)
     model.load_weights(ckpt.tensors(), shard=plan)
 
-    def all_reduce(_module, _inputs, out):
-        pg.allreduce([out]).wait()
-        return out
-
-    for layer in model.layers:
-        layer.attn.wo.register_forward_hook(all_reduce)
-        layer.mlp.w2.register_forward_hook(all_reduce)
+    model.all_reduce = lambda out: pg.allreduce([out]).wait()   # after each row-parallel projection
     return LocalRunner(model, device)
 
 
@@ -274,8 +268,8 @@ class TensorParallelRunner:
         self._kill()
         raise TensorParallelError(f"tensor-parallel generation failed: {self.broken}") from cause
 
-    def allocate(self, n_slots: int, max_len: int):
-        self._call("allocate", n_slots, max_len)
+    def allocate(self, n_slots: int, max_len: int, max_bytes: int | None = None):
+        self._call("allocate", n_slots, max_len, max_bytes)
         return self.local.cache
 
     def prefill(self, tokens, spans, slots):

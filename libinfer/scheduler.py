@@ -43,10 +43,17 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Sequence] = []
 
-    def add(self, request: Request) -> None:
-        if request.n > self.n_slots:
-            raise ValueError(f"n={request.n} candidates need more KV slots than the {self.n_slots} available")
-        self.waiting.append(request)
+    def add(self, requests: list[Request]) -> None:
+        """Queue requests. Continuous batching admits them shortest prompt first (length
+        bucketing): rows in neighbouring slots then have similar lengths, so the decode
+        step, which attends per block of slots, reads few masked cache positions. A
+        static batch keeps the given order (that is what it is kept for)."""
+        for r in requests:
+            if r.n > self.n_slots:
+                raise ValueError(f"n={r.n} candidates need more KV slots than the {self.n_slots} available")
+        self.waiting.extend(requests)
+        if not self.static:
+            self.waiting = deque(sorted(self.waiting, key=lambda r: len(r.prompt_ids)))
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
