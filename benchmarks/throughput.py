@@ -1,19 +1,28 @@
 """Engine throughput: libinfer vs transformers `generate` on a mixed-length batch job.
 
 Workload: 64 prompts of ~20-500 tokens in random order (fixed seed), greedy, 32 new
-tokens with EOS ignored, the bundled SmolLM2-135M GGUF on both sides; both sides get
+tokens with EOS ignored, the bundled SmolLM2-135M GGUF on every side; every side gets
 the same token ids. Baseline: `AutoModelForCausalLM.generate`, fp32, arrival-order
 batches of 16, left-padded (what a predict_batch_udf user gets). Ours: (a) arrival
-order in static batches of 16, (b) sorted by length, static, (c) continuous batching;
-fp32 and bf16. Each configuration runs --repeats times in this one process (medians
-reported), interleaved so machine noise hits every side alike. Results go to MLflow
-(experiment 'throughput') and to benchmarks/RESULTS.md, section '## Throughput engine'.
+order in static batches of 16, (b) sorted by length, static, (c) continuous batching
+over --slots KV slots; fp32 and bf16. Peer: llama.cpp (llama-cpp-python) on the same
+GGUF file, one prompt at a time, when it is installed (`./run bench` installs it).
+Each configuration runs --repeats times in this one process (medians reported),
+interleaved so machine noise hits every side alike.
+
+The same run measures this machine's limits: a large matmul's FLOP/s per dtype and a
+large copy's bandwidth, against which it reports our prefill's achieved FLOP/s and
+our batch-1 decode's achieved weight bandwidth.
+
+Results go to MLflow (experiment 'throughput') and to benchmarks/RESULTS.md, section
+'## Throughput engine'.
 
     python benchmarks/throughput.py [--repeats 3] [--prompts 64] [--new-tokens 32]
 """
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import statistics
 import sys
@@ -71,6 +80,73 @@ def run_hf(model, prompts, new: int, batch: int, pad_id: int) -> tuple[float, li
     return time.perf_counter() - t0, outs
 
 
+def run_llama_cpp(llm, prompts, new: int) -> tuple[float, list[list[int]]]:
+    """One prompt at a time (llama.cpp's Python API has no batched generate), greedy,
+    EOS ignored: we stop after `new` tokens ourselves."""
+    t0 = time.perf_counter()
+    outs = []
+    for p in prompts:
+        llm.reset()                      # no KV reuse from the previous prompt
+        toks = []
+        for tok in llm.generate(p, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
+            toks.append(tok)
+            if len(toks) == new:
+                break
+        outs.append(toks)
+    return time.perf_counter() - t0, outs
+
+
+def load_llama_cpp(threads: int, n_ctx: int):
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    folder, gguf = bundled_model()
+    return Llama(model_path=os.path.join(folder, gguf), n_ctx=n_ctx, n_batch=512, n_threads=threads,
+                 n_threads_batch=threads, verbose=False)
+
+
+def _median_time(fn, repeats: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def matmul_flops(dtype: torch.dtype, n: int = 2048) -> float:
+    """FLOP/s of one large [n, n] @ [n, n] product: this machine's matmul ceiling."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    return 2 * n ** 3 / _median_time(lambda: a @ b)
+
+
+def copy_bandwidth(mib: int = 512) -> float:
+    """Bytes/s of a large tensor copy, read plus write (STREAM's convention)."""
+    src = torch.ones(mib * 2**20 // 4)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * 4 / _median_time(lambda: dst.copy_(src))
+
+
+def block_params(cfg) -> int:
+    """Weights every prompt token is multiplied through: the decoder blocks' projections
+    (the embedding is a lookup, the LM head runs on one row per prompt)."""
+    d, q, kv = cfg.hidden_size, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    return cfg.n_layers * (d * (q + 2 * kv) + q * d + 3 * d * cfg.intermediate_size)
+
+
+def decode_bandwidth(g: Generator, prompt: list[int], steps: int = 64) -> tuple[float, float]:
+    """Batch-1 decode: (achieved weight bytes/s, seconds per step). Each step reads every
+    block weight and the LM head once."""
+    cfg = g.config
+    weight_bytes = (block_params(cfg) + cfg.vocab_size * cfg.hidden_size) * torch.empty((), dtype=g.dtype).element_size()
+    g.static_batching = False
+    m = g.generate([prompt], GenerationParams(greedy=True, out_seq_length=steps + 1, ignore_eos=True)).metrics
+    step = m.decode_s / m.decode_steps
+    return weight_bytes / step, step
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3)
@@ -80,19 +156,22 @@ def main() -> None:
     ap.add_argument("--max-len", type=int, default=500)
     ap.add_argument("--batch", type=int, default=16, help="rows per batch: the baseline's and ours in static modes")
     ap.add_argument("--slots", type=int, default=64, help="KV-cache slots of our continuous-batching mode")
+    ap.add_argument("--prefill-tokens", type=int, default=2048, help="our prompt tokens per prefill step")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-baseline", action="store_true", help="skip transformers (quick engine check)")
+    ap.add_argument("--no-peer", action="store_true", help="skip llama.cpp even if it is installed")
     ap.add_argument("--no-write", action="store_true", help="print only; do not touch RESULTS.md or MLflow")
     ap.add_argument("--mlflow-uri", default="sqlite:///mlflow.db")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     new = args.new_tokens
+    dtypes = ("float32", "bfloat16")
 
     ours = {}
-    for dtype in ("float32", "bfloat16"):
+    for dtype in dtypes:
         print(f"loading libinfer ({dtype}) ...", flush=True)
-        g = Generator.from_pretrained(None, dtype=dtype, max_batch_size=args.batch, max_batch_tokens=1024)
-        ours[dtype] = g
+        ours[dtype] = Generator.from_pretrained(None, dtype=dtype, max_batch_size=args.batch,
+                                                max_batch_tokens=args.prefill_tokens)
     tok = ours["float32"].tokenizer
     prompts = workload(tok, args.prompts, args.min_len, args.max_len, seed=0)
     lengths = list(map(len, prompts))
@@ -113,73 +192,128 @@ def main() -> None:
             for pos, i in enumerate(order):
                 unsorted[i] = toks[pos]
             toks = unsorted
-        return res.metrics.wall_s, toks, res.metrics.padding_waste
+        return res.metrics, toks
 
-    configs = [(d, m) for d in ("float32", "bfloat16") for m in ("arrival", "sorted", "continuous")]
-    hf = None
+    configs = [(d, m) for d in dtypes for m in ("arrival", "sorted", "continuous")]
+    hf = llm = None
     if not args.no_baseline:
         from transformers import AutoModelForCausalLM
         folder, gguf = bundled_model()
         print("loading transformers baseline (fp32) ...", flush=True)
         hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32).eval()
         run_hf(hf, prompts[:2], 2, 2, tok.eos_token_id)          # warm up, as ours does
+    if not args.no_peer:
+        llm = load_llama_cpp(args.threads, n_ctx=args.max_len + new + 16)
+        if llm is None:
+            print("llama-cpp-python is not installed: no peer row (./run bench installs it)", flush=True)
+        else:
+            run_llama_cpp(llm, prompts[:2], 2)
 
-    times = {c: [] for c in configs}
-    times["hf"] = []
+    times: dict = {c: [] for c in configs}
+    phases: dict = {c: [] for c in configs}
     tokens, waste = {}, {}
     for rep in range(args.repeats):
+        tag = f"[{rep + 1}/{args.repeats}]"
         if hf is not None:
             wall, tokens["hf"] = run_hf(hf, prompts, new, args.batch, tok.eos_token_id)
-            times["hf"].append(wall)
-            print(f"[{rep + 1}/{args.repeats}] transformers fp32 batches of {args.batch}: {wall:.1f}s "
-                  f"({total_new / wall:.1f} tok/s)", flush=True)
-        for c in configs:
-            wall, tokens[c], waste[c] = ours_run(*c)
-            times[c].append(wall)
-            print(f"[{rep + 1}/{args.repeats}] libinfer {c[0]} {c[1]}: {wall:.1f}s ({total_new / wall:.1f} tok/s)",
+            times.setdefault("hf", []).append(wall)
+            print(f"{tag} transformers fp32 batches of {args.batch}: {wall:.1f}s ({total_new / wall:.1f} tok/s)",
                   flush=True)
+        if llm is not None:
+            wall, tokens["llama.cpp"] = run_llama_cpp(llm, prompts, new)
+            times.setdefault("llama.cpp", []).append(wall)
+            print(f"{tag} llama.cpp one prompt at a time: {wall:.1f}s ({total_new / wall:.1f} tok/s)", flush=True)
+        for c in configs:
+            m, tokens[c] = ours_run(*c)
+            times[c].append(m.wall_s)
+            phases[c].append((m.prefill_s, m.decode_s))
+            waste[c] = m.padding_waste
+            print(f"{tag} libinfer {c[0]} {c[1]}: {m.wall_s:.1f}s ({total_new / m.wall_s:.1f} tok/s; prefill "
+                  f"{m.prefill_s:.1f}s, decode {m.decode_s:.1f}s)", flush=True)
+
+    print("measuring this machine's limits ...", flush=True)
+    cfg = ours["float32"].config
+    copy_bw = copy_bandwidth()
+    limits = []
+    for dtype in dtypes:
+        c = (dtype, "continuous")
+        peak = matmul_flops(getattr(torch, dtype))
+        prefill_s = statistics.median(p for p, _ in phases[c])
+        achieved = 2 * block_params(cfg) * sum(lengths) / prefill_s
+        bw, step = decode_bandwidth(ours[dtype], prompts[0][:64])
+        limits.append((dtype, achieved, peak, bw, step))
 
     med = {k: statistics.median(v) for k, v in times.items() if v}
     ref = tokens["float32", "continuous"]
 
-    def agree(toks) -> float:
-        return sum(a == b for a, b in zip(toks, ref)) / len(ref)
+    def agree(toks) -> str:
+        return f"{100 * sum(a == b for a, b in zip(toks, ref)) / len(ref):.0f}%"
 
     base = med.get("hf")
-    rows = ["| engine | dtype | schedule | wall s (median) | gen tok/s | vs baseline | padding waste | "
-            "greedy = ours fp32 |", "|---|---|---|---|---|---|---|---|"]
+
+    def ratio(k) -> str:
+        return f"**{base / med[k]:.2f}x**" if base else "-"
+
+    rows = ["| engine | dtype | schedule | wall s | gen tok/s | vs baseline | prefill s | decode s | padding waste | "
+            "greedy = ours fp32 |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     if base:
         rows.append(f"| transformers generate | fp32 | arrival, batches of {args.batch}, left-padded | {base:.1f} | "
-                    f"{total_new / base:.1f} | 1.00x | {100 * padding_waste(lengths, args.batch, new):.1f}% | "
-                    f"{100 * agree(tokens['hf']):.0f}% |")
+                    f"{total_new / base:.1f} | 1.00x | - | - | {100 * padding_waste(lengths, args.batch, new):.1f}% | "
+                    f"{agree(tokens['hf'])} |")
     for c in configs:
-        ratio = f"{base / med[c]:.2f}x" if base else "-"
-        rows.append(f"| libinfer | {c[0]} | {c[1]} | {med[c]:.1f} | {total_new / med[c]:.1f} | {ratio} | "
-                    f"{100 * waste[c]:.1f}% | {100 * agree(tokens[c]):.0f}% |")
-    table = "\n".join(rows)
-    print(table)
+        sched = {"arrival": f"arrival, static batches of {args.batch}", "sorted": f"sorted, static batches of {args.batch}",
+                 "continuous": f"continuous, {args.slots} slots"}[c[1]]
+        pre, dec = (statistics.median(x) for x in zip(*phases[c]))
+        rows.append(f"| libinfer | {c[0]} | {sched} | {med[c]:.1f} | {total_new / med[c]:.1f} | {ratio(c)} | "
+                    f"{pre:.1f} | {dec:.1f} | {100 * waste[c]:.1f}% | {agree(tokens[c])} |")
+    if "llama.cpp" in med:
+        import llama_cpp
+        rows.append(f"| llama.cpp {llama_cpp.__version__} (peer) | Q4_1 weights as stored | one prompt at a time | "
+                    f"{med['llama.cpp']:.1f} | {total_new / med['llama.cpp']:.1f} | {ratio('llama.cpp')} | - | - | - | "
+                    f"{agree(tokens['llama.cpp'])} |")
+    lim = ["| dtype | prefill achieved | large matmul (2048^3) | prefill share (target >= 60%) | "
+           "batch-1 decode step | achieved weight bandwidth | copy bandwidth | decode share (target >= 50%) |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for dtype, achieved, peak, bw, step in limits:
+        lim.append(f"| {dtype} | {achieved / 1e9:.0f} GFLOP/s | {peak / 1e9:.0f} GFLOP/s | {100 * achieved / peak:.0f}% | "
+                   f"{1e3 * step:.1f} ms | {bw / 1e9:.1f} GB/s | {copy_bw / 1e9:.1f} GB/s | {100 * bw / copy_bw:.0f}% |")
+    table, limits_table = "\n".join(rows), "\n".join(lim)
+    print(table, limits_table, sep="\n\n")
     if args.no_write:
         return
     cmd = "python benchmarks/throughput.py " + " ".join(sys.argv[1:])
-    text = (f"{SECTION}\n\nCommand: `{cmd.strip()}`  \nMachine: {machine()}  \n"
-            f"Workload: {len(prompts)} prompts, {min(lengths)}-{max(lengths)} tokens (random order, seed 0), "
-            f"greedy, {new} new tokens, EOS ignored; bundled SmolLM2-135M GGUF; median of {args.repeats} runs, "
-            "interleaved in one process.\n"
+    load = os.getloadavg()[0]
+    text = (f"{SECTION}\n\nCommand: `{cmd.strip()}` (or `./run bench`, which also installs the llama.cpp peer)  \n"
+            f"Machine: {machine()}; load average at the end {load:.1f}  \n"
+            f"Workload: {len(prompts)} prompts, {min(lengths)}-{max(lengths)} tokens ({sum(lengths)} in all; random "
+            f"order, seed 0), greedy, {new} new tokens, EOS ignored; bundled SmolLM2-135M GGUF; median of "
+            f"{args.repeats} runs, interleaved in one process; our prefill steps take up to {args.prefill_tokens} "
+            "prompt tokens.  \n"
             "Padding waste: share of padded positions in the baseline's [batch, longest+new] matrices; for "
             "libinfer (packed prefill, no pad tokens) the share of masked attention keys in decode steps.\n\n"
-            f"{table}\n")
+            f"{table}\n\n"
+            "Limits, measured in the same run. Prefill achieved = 2 x block parameters "
+            f"({block_params(cfg) / 1e6:.0f}M) x prompt tokens / prefill seconds of the continuous run (attention "
+            "FLOPs not counted). Batch-1 decode: one 64-token prompt, 64 steps; weight bandwidth = block weights + "
+            "LM head bytes / step time.\n\n"
+            f"{limits_table}\n")
     print("wrote", write_section(SECTION, text))
     import mlflow
     mlflow.set_tracking_uri(args.mlflow_uri)
     mlflow.set_experiment("throughput")
     with mlflow.start_run(run_name="throughput"):
-        mlflow.log_params({"prompts": len(prompts), "new_tokens": new, "batch": args.batch, "repeats": args.repeats})
+        mlflow.log_params({"prompts": len(prompts), "new_tokens": new, "batch": args.batch, "slots": args.slots,
+                           "repeats": args.repeats, "prefill_tokens": args.prefill_tokens})
         for k, v in med.items():
-            name = "hf_fp32" if k == "hf" else f"{k[0]}_{k[1]}"
+            name = {"hf": "hf_fp32", "llama.cpp": "llama_cpp"}.get(k) or f"{k[0]}_{k[1]}"
             mlflow.log_metric(f"{name}_wall_s", v)
             mlflow.log_metric(f"{name}_tokens_per_s", total_new / v)
             if base and k != "hf":
                 mlflow.log_metric(f"{name}_speedup", base / v)
+        for dtype, achieved, peak, bw, step in limits:
+            mlflow.log_metrics({f"{dtype}_prefill_flops_share": achieved / peak, f"{dtype}_decode_bw_share": bw / copy_bw,
+                                f"{dtype}_matmul_gflops": peak / 1e9, f"{dtype}_decode_step_ms": 1e3 * step})
+        mlflow.log_metric("copy_gb_s", copy_bw / 1e9)
         mlflow.log_text(text, "throughput.md")
 
 

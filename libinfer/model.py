@@ -29,10 +29,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # fp32 statistics, as the reference does, whatever the compute dtype.
-        if x.dtype == torch.float32:
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        return self.weight * F.rms_norm(x.float(), self.weight.shape, None, self.eps).to(x.dtype)
+        # fp32 statistics and the reference's order of operations, whatever the compute
+        # dtype. x * x instead of x.pow(2) (the same bits): on CPU it is several times faster
+        # on prefill-sized inputs, as is this whole form against F.rms_norm.
+        xf = x.float()
+        xf = xf * torch.rsqrt((xf * xf).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
 
 
 class Rotary:
