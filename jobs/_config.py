@@ -46,8 +46,8 @@ class ModelConf:
     dtype: str = "float32"              # float32 | bfloat16 | float16
     device: str = "cpu"                 # cpu | cuda | cuda:N
     tp_size: int = 1
-    max_batch_size: int = 32            # KV-cache slots (rows decoded together)
-    max_batch_tokens: int = 1024        # prompt tokens per prefill step
+    max_batch_size: int = 64            # KV-cache slots (rows decoded together)
+    max_batch_tokens: int = 2048        # prompt tokens per prefill step
     kv_cache_gb: float = 4.0
     random_init: Optional[RandomInitConf] = None
 

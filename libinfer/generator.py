@@ -13,7 +13,7 @@ import torch
 from . import sampling
 from .loading import Checkpoint, ModelConfig
 from .metrics import GenerationMetrics, PeakMemory, Timer
-from .model import KVCache, Transformer
+from .model import KVCache, Transformer, attention_groups
 from .params import GenerationParams
 from .scheduler import Request, Scheduler, Sequence
 
@@ -112,8 +112,8 @@ class Generator:
     static_batching: classic fixed batches instead of continuous batching (for comparisons).
     """
 
-    def __init__(self, runner, tokenizer, config: ModelConfig, *, max_batch_size: int = 32,
-                 max_batch_tokens: int = 1024, kv_cache_gb: float = 4.0, static_batching: bool = False,
+    def __init__(self, runner, tokenizer, config: ModelConfig, *, max_batch_size: int = 64,
+                 max_batch_tokens: int = 2048, kv_cache_gb: float = 4.0, static_batching: bool = False,
                  max_model_len: int | None = None):
         self.runner, self.tokenizer, self.config = runner, tokenizer, config
         self.max_batch_size, self.max_batch_tokens = max_batch_size, max_batch_tokens
@@ -378,9 +378,9 @@ class Generator:
                     else:
                         pos = [s.length - 1 for s in decoding]
                         logits = self.runner.decode([s.tokens[-1] for s in decoding], pos)
-                        L = max(pos) + 1
                         metrics.real_tokens += sum(p + 1 for p in pos)
-                        metrics.padded_tokens += sum(L - p - 1 for p in pos)
+                        metrics.padded_tokens += sum(L - p - 1 for a, e, L in attention_groups([p + 1 for p in pos])
+                                                     for p in pos[a:e])
                     sample(decoding, logits)
                 metrics.decode_s += t.s
                 metrics.decode_steps += 1
