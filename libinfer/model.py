@@ -122,7 +122,7 @@ class Attention(nn.Module):
         """x: [T, H] packed, normed; spans: (offset, length, start) per sequence; writes the
         cache; returns residual + attention output."""
         q, k, v = self._qkv(x, cos_sin)
-        outs = []
+        out = q.new_empty(q.shape)                                    # [T, Hq, D], filled per sequence
         for (off, n, start), slot in zip(spans, slots):
             end = start + n
             cache_k[slot, :, start:end] = k[off:off + n].transpose(0, 1)
@@ -134,8 +134,8 @@ class Attention(nn.Module):
             else:  # a later chunk of a long prompt: query i sees keys <= start + i
                 mask = torch.ones(n, end, dtype=torch.bool, device=x.device).tril(start)
                 o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=True)
-            outs.append(o[0].transpose(0, 1).reshape(n, -1))
-        return project_out(self.o, torch.cat(outs) if len(outs) > 1 else outs[0], residual, all_reduce)
+            out[off:off + n] = o[0].transpose(0, 1)
+        return project_out(self.o, out.view(out.shape[0], -1), residual, all_reduce)
 
     def decode(self, x, residual, cos_sin, pos, cache_k, cache_v, mask, groups, all_reduce):
         """x: [B, H] normed, one token per row; row b lives in slot b at position pos[b].
