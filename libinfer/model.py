@@ -235,15 +235,14 @@ class Transformer(nn.Module):
         """Make the loaded weights ready for the hot path (see kernels.py). Where a weight
         was repacked, the plain copy is released: the model holds its weights once."""
         self.weight_nbytes = sum(p.numel() * p.element_size() for p in self.parameters())
-        for layer in self.layers:
+        empty = lambda p: nn.Parameter(p.new_empty(0), requires_grad=False)  # noqa: E731
+        for layer in self.layers:      # layer by layer: at most one layer is held twice
             layer.attn.prepare()
             layer.mlp.prepare()
-        self.head = Dense(self.lm_head.weight)
-        empty = lambda p: nn.Parameter(p.new_empty(0), requires_grad=False)  # noqa: E731
-        for layer in self.layers:
             for mod in (layer.attn.wqkv, layer.attn.wo, layer.mlp.w13, layer.mlp.w2):
                 if packable(mod.weight):
                     mod.weight = empty(mod.weight)
+        self.head = Dense(self.lm_head.weight)
         if self.head.packed is not None and not self.cfg.tie_embeddings:
             self.lm_head.weight = empty(self.lm_head.weight)
 
