@@ -318,13 +318,8 @@ def fig_memory(points, path: Path) -> bool:
            title="Peak memory (runtime + weights + KV + activations)")
     ax2.set(xlabel="input tokens x batch size", ylabel="MiB above the config's smallest run",
             title="Growth: KV cache + activations")
-    for a in (ax, ax2):
-        a.grid(alpha=.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    ax2.grid(alpha=.3)
+    return _save(fig, ax, path)
 
 
 def fig_model_size(points, sr: dict, path: Path) -> bool:

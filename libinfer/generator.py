@@ -88,10 +88,10 @@ class LocalRunner:
         t = torch.tensor(tokens, dtype=torch.long, device=self.device)
         return self.model.prefill(t, spans, slots, self.cache)
 
-    def decode(self, tokens: list[int], pos: list[int]) -> torch.Tensor:
+    def decode(self, tokens: list[int], pos: list[int], groups) -> torch.Tensor:
         t = torch.tensor(tokens, dtype=torch.long, device=self.device)
         p = torch.tensor(pos, dtype=torch.long, device=self.device)
-        return self.model.decode(t, p, self.cache)
+        return self.model.decode(t, p, self.cache, groups)
 
     def copy_slot(self, src: int, dst: int, length: int) -> None:
         self.cache.copy_slot(src, dst, length)
@@ -200,8 +200,12 @@ class Generator:
                     f"(x n={params.n}) need {need} cached tokens, kv_cache_gb={self.kv_cache_gb:g} holds {budget}")
         return None
 
+    @property
+    def _kv_budget_bytes(self) -> int:
+        return int(self.kv_cache_gb * 2**30)
+
     def _kv_budget_tokens(self) -> int:
-        return int(self.kv_cache_gb * 2**30 // self.config.kv_bytes_per_token(self.dtype))
+        return self._kv_budget_bytes // self.config.kv_bytes_per_token(self.dtype)
 
     def plan_cache(self, prompt_lengths: list[int], params: GenerationParams) -> tuple[int, int]:
         """KV-cache shape (slots, tokens per slot) for these rows: slots as many as
@@ -270,7 +274,7 @@ class Generator:
 
     def _run(self, requests, params, results, metrics, t_start) -> None:
         n_slots, max_len = self.plan_cache([len(r.prompt_ids) for r in requests], params)
-        cache = self.runner.allocate(n_slots, max_len, int(self.kv_cache_gb * 2**30))
+        cache = self.runner.allocate(n_slots, max_len, self._kv_budget_bytes)
         metrics.kv_cache_bytes, metrics.batch_slots = cache.nbytes, n_slots
         sched = Scheduler(n_slots, self.max_batch_tokens, static=self.static_batching)
         sched.add(requests)
@@ -377,10 +381,10 @@ class Generator:
                         logits = run_prefill([(s, s.prompt_ids + s.tokens, 0) for s in decoding])
                     else:
                         pos = [s.length - 1 for s in decoding]
-                        logits = self.runner.decode([s.tokens[-1] for s in decoding], pos)
+                        groups = attention_groups([p + 1 for p in pos])   # what the step's attention reads
+                        logits = self.runner.decode([s.tokens[-1] for s in decoding], pos, groups)
                         metrics.real_tokens += sum(p + 1 for p in pos)
-                        metrics.padded_tokens += sum(L - p - 1 for a, e, L in attention_groups([p + 1 for p in pos])
-                                                     for p in pos[a:e])
+                        metrics.padded_tokens += sum(L - p - 1 for a, e, L in groups for p in pos[a:e])
                     sample(decoding, logits)
                 metrics.decode_s += t.s
                 metrics.decode_steps += 1

@@ -27,7 +27,6 @@ class Dense:
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         self.bias = bias
-        self.nbytes = weight.numel() * weight.element_size()
         if packable(weight):
             # The hint is the expected row count; the layout serves every row count.
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 64)

@@ -276,9 +276,9 @@ class Transformer(nn.Module):
         return self.logits(self._layers_prefill(tokens, [(0, n, 0)], [0], cache))
 
     @torch.inference_mode()
-    def decode(self, tokens: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """tokens, pos: [B] (row b in slot b); returns fp32 logits [B, V]."""
-        groups = attention_groups([p + 1 for p in pos.tolist()])
+    def decode(self, tokens: torch.Tensor, pos: torch.Tensor, cache: KVCache, groups) -> torch.Tensor:
+        """tokens, pos: [B] (row b in slot b); groups: attention_groups of the rows' lengths
+        (the caller has them as host lists; no device read here). Returns fp32 logits [B, V]."""
         L = max(e for _, _, e in groups)
         valid = torch.arange(L, device=tokens.device)[None, :] <= pos[:, None]
         mask = torch.zeros(valid.shape, dtype=cache.k.dtype, device=tokens.device)

@@ -277,8 +277,8 @@ class TensorParallelRunner:
         self._forget_read_commands()
         return logits
 
-    def decode(self, tokens, pos):
-        logits = self._call("decode", tokens, pos)
+    def decode(self, tokens, pos, groups):
+        logits = self._call("decode", tokens, pos, groups)
         self._forget_read_commands()
         return logits
 
