@@ -11,9 +11,11 @@ from typing import Sequence as Seq
 import torch
 
 from . import sampling
+from .engine.kv_cache import KVCache
+from .layers import attention_groups
 from .loading import Checkpoint, ModelConfig
 from .metrics import GenerationMetrics, PeakMemory, Timer
-from .model import KVCache, Transformer, attention_groups
+from .models import build
 from .params import GenerationParams
 from .scheduler import Request, Scheduler, Sequence
 
@@ -60,7 +62,7 @@ class LocalRunner:
     """Runs the model in this process (tp_size=1). The tensor-parallel runner in
     parallel.py has the same methods and mirrors each call on every rank."""
 
-    def __init__(self, model: Transformer, device: torch.device):
+    def __init__(self, model, device: torch.device):
         self.model, self.device = model, device
         self.cache: KVCache | None = None
 
@@ -137,7 +139,7 @@ class Generator:
             from .parallel import TensorParallelRunner
             runner = TensorParallelRunner(ckpt, tp_size, dt, device, timeout_s=engine.pop("tp_timeout_s", 300.0))
         else:
-            model = Transformer.empty(ckpt.config, dt, device)
+            model = build(ckpt.config, dt, device)
             model.load_weights(ckpt.tensors())
             runner = LocalRunner(model, device)
         gen = cls(runner, ckpt.load_tokenizer(), ckpt.config, **engine)

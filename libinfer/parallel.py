@@ -5,7 +5,9 @@ their query heads), the MLP along its intermediate dimension. q/k/v and gate/up 
 column-parallel, `wo` and `w2` row-parallel, followed by one all-reduce each (the
 model's `all_reduce`). Embeddings, norms and the LM head are replicated: the head is ~20% of SmolLM2's
 weights, but replicating it saves a gather of [B, vocab] logits on every step.
-Uneven splits are allowed (SmolLM2's 3 KV heads on 2 ranks: 2+1), which vLLM refuses.
+Uneven splits are allowed (SmolLM2's 3 KV heads on 2 ranks: 2+1), which vLLM refuses;
+with fewer KV heads than ranks each KV head is copied to world / KV ranks, which split
+its query heads (as vLLM does).
 
 Rank 0 lives in the calling process and drives the scheduler; ranks 1..N-1 are
 processes it spawns, which execute the same runner calls, sent over a queue. Process
@@ -50,17 +52,33 @@ class ShardPlan:
     world: int
 
     def __post_init__(self):
-        if self.cfg.n_kv_heads < self.world:
-            raise ValueError(f"tp_size={self.world} exceeds the model's {self.cfg.n_kv_heads} KV heads")
+        kv, g, w = self.cfg.n_kv_heads, self.cfg.n_heads // self.cfg.n_kv_heads, self.world
+        if kv < w and (w % kv or g % (w // kv)):
+            raise ValueError(f"tp_size={w} exceeds the model's {kv} KV heads and does not divide them into "
+                             f"equal copies ({kv} KV heads x {g} query heads each)")
+
+    @property
+    def replicas(self) -> int:
+        """Ranks holding a copy of each KV head: 1, or world / KV heads when there are fewer
+        KV heads than ranks (Gemma 3 270M's one KV head on 2 ranks: each holds it, with 2 of
+        its 4 query heads)."""
+        return max(1, self.world // self.cfg.n_kv_heads)
 
     @property
     def kv(self) -> tuple[int, int]:
+        if self.replicas > 1:
+            head = self.rank // self.replicas
+            return head, head + 1
         return split(self.cfg.n_kv_heads, self.world)[self.rank]
 
     @property
     def q(self) -> tuple[int, int]:
         g = self.cfg.n_heads // self.cfg.n_kv_heads
         a, b = self.kv
+        if self.replicas > 1:       # this rank's share of its KV head's query heads
+            share = g // self.replicas
+            a = a * g + (self.rank % self.replicas) * share
+            return a, a + share
         return a * g, b * g
 
     @property
@@ -80,6 +98,8 @@ class ShardPlan:
             a, b = rows[part]
             return t[a * d:b * d].clone()
         if part == "o":
+            if name.endswith("_bias"):   # a row-parallel bias is added once, by rank 0
+                return t if self.rank == 0 else torch.zeros_like(t)
             a, b = self.q
             return t[:, a * d:b * d].clone()
         if part in ("gate", "up"):
@@ -103,9 +123,9 @@ def _process_group(store, rank: int, world: int, device: torch.device, timeout_s
 def build_shard(ckpt: Checkpoint, rank: int, world: int, dtype, device, pg):
     """This rank's model: local shapes, its slices of the weights, the all-reduce."""
     from .generator import LocalRunner
-    from .model import Transformer
+    from .models import build
     plan = ShardPlan(ckpt.config, rank, world)
-    model = Transformer.empty(plan.local_config(), dtype, device)
+    model = build(plan.local_config(), dtype, device)
     model.load_weights(ckpt.tensors(), shard=plan)
 
     model.all_reduce = lambda out: pg.allreduce([out]).wait()   # after each row-parallel projection

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from libinfer import Generator, GenerationParams
-from libinfer.kernels import Dense, packable
+from libinfer.layers import Dense, packable
 
 
 def _ref(x, w, b, post, other):
