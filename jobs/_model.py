@@ -10,7 +10,7 @@ def ensure_model(model_cfg) -> None:
     """Write a random-init model to `path` on first use when the config asks for one."""
     init = model_cfg.get("random_init") if hasattr(model_cfg, "get") else None
     if init and model_cfg.path and not (Path(model_cfg.path) / "config.json").exists():
-        from libinfer.random_model import save_random_model
+        from libinfer.lab.random_model import save_random_model
         init = dict(init)
         save_random_model(model_cfg.path, **init)
 

@@ -9,7 +9,9 @@
 Every point is one MLflow run, nested under one parent run per sweep (a Hydra run or
 multirun directory, or `sweep=NAME` to collect several commands under one parent).
 Model load and warm-up are timed separately and never enter a point's timings.
-`jobs.report` turns the runs into the talk's figures, tables and a fitted predictor.
+The measuring is `libinfer.lab.sweep`; this file is its config, MLflow runs and the
+`replay.via=pipeline` mode (which runs jobs.pipeline). `jobs.report` turns the runs into
+the talk's figures, tables and a fitted predictor.
 """
 from __future__ import annotations
 
@@ -18,10 +20,8 @@ if not __package__:  # run as a file (python jobs/benchmark.py): import as jobs.
     import sys as _sys
     _sys.path.insert(0, _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
 
-import itertools
-import re
 import logging
-import os
+import re
 import sys
 import tempfile
 import time
@@ -30,14 +30,11 @@ from pathlib import Path
 from typing import List, Optional
 
 import hydra
-
-from jobs._spark import entry_point
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING
 
 from jobs._config import ConfigError, GenerationConf, MlflowConf, ModelConf, RandomInitConf
-
-log = logging.getLogger("jobs.benchmark")
+from jobs._spark import entry_point
 
 MODES = ("single", "multi", "oom", "replay")
 
@@ -87,7 +84,7 @@ class BenchmarkConf:
     mlflow: MlflowConf = MISSING
     generation: GenerationConf = MISSING   # replay only; the synthetic modes use greedy + ignore_eos
     mode: str = "single"
-    size: Optional[str] = None             # a libinfer.lab.SIZES name; replaces `model`
+    size: Optional[str] = None             # a libinfer.lab.sizes.SIZES name; replaces `model`
     sweep: Optional[str] = None            # parent run name; null = one per Hydra run/multirun dir
     threads: int = 2                       # torch threads
     workload: WorkloadConf = field(default_factory=WorkloadConf)
@@ -99,7 +96,7 @@ ConfigStore.instance().store(name="benchmark_schema", node=BenchmarkConf)
 
 
 def validate(cfg) -> None:
-    from libinfer.lab import SIZES
+    from libinfer.lab.sizes import SIZES
     from jobs._config import validate as validate_common
     validate_common(cfg)
 
@@ -127,14 +124,15 @@ def validate(cfg) -> None:
     check("replay.via", cfg.replay.via in ("libinfer", "pipeline"), "must be libinfer or pipeline")
 
 
+
 def resolve_model(cfg) -> None:
     """`size=NAME`: the model group becomes a random Llama of that ladder size, built on first use."""
     if cfg.size:
-        from libinfer.lab import SIZES, cache_dir
+        from libinfer.lab.sizes import SIZES, size_model_dir
         if cfg.size not in SIZES:
             raise ConfigError("size", f"must be one of {', '.join(SIZES)} (got {cfg.size!r})")
         cfg.model.name = cfg.size
-        cfg.model.path = str(cache_dir() / "models" / f"lab_{cfg.size}")
+        cfg.model.path = str(size_model_dir(cfg.size))
         cfg.model.gguf_file = None
         cfg.model.random_init = RandomInitConf(**SIZES[cfg.size], seed=0)
 
@@ -154,18 +152,9 @@ def sweep_key(cfg) -> str:
 
 
 def parent_run_id(cfg) -> str:
-    """The sweep's parent run: found by tag, created by the sweep's first job."""
-    import mlflow
+    from jobs._tracking import lab_parent
     key = sweep_key(cfg)
-    exp = mlflow.set_experiment(cfg.mlflow.experiment)
-    found = mlflow.search_runs([exp.experiment_id], filter_string=f"tags.`lab.sweep` = '{key}' and "
-                               "tags.`lab.role` = 'sweep'", output_format="list", max_results=1)
-    if found:
-        return found[0].info.run_id
-    name = cfg.sweep or f"lab {cfg.mode} {Path(key).name}"
-    run = mlflow.MlflowClient().create_run(exp.experiment_id, run_name=name,
-                                           tags={"lab.sweep": key, "lab.role": "sweep", "job": "benchmark"})
-    return run.info.run_id
+    return lab_parent(cfg.mlflow.experiment, key, cfg.sweep or f"lab {cfg.mode} {Path(key).name}")
 
 
 # ------------------------------------------------------------------ generator
@@ -184,7 +173,7 @@ def get_generator(cfg):
             del old
         _CACHE.pop("key", None)
         import gc
-        from libinfer.lab import trim_heap
+        from libinfer.lab.workload import trim_heap
         gc.collect()
         trim_heap()
         print(f"loading {m.name} ({m.dtype}, {m.device}, tp={m.tp_size}) ...", flush=True)
@@ -198,136 +187,23 @@ def get_generator(cfg):
     return _CACHE["gen"]
 
 
-def device_name(gen) -> str:
-    import platform
-    import torch
-    if gen.device.type == "cuda":
-        return torch.cuda.get_device_name(gen.device)
-    return f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
-
-
-def point_params(cfg, gen, extra: dict) -> dict:
-    from libinfer.lab import model_facts
-    return {"mode": cfg.mode, "model": cfg.model.name, "size": cfg.size or "", "dtype": cfg.model.dtype,
-            "device": cfg.model.device, "device_name": device_name(gen), "tp_size": cfg.model.tp_size,
-            "threads": cfg.threads, **model_facts(gen), **extra}
-
-
-# ------------------------------------------------------------------ the modes
-
-def grid(cfg) -> list:
-    from libinfer.lab import Workload
-    w = cfg.workload
-    batches = [1] if cfg.mode == "single" else list(w.batch_size)
-    sorts = [False] if cfg.mode == "single" else list(w.sorted)
-    pads = [False] if cfg.mode == "single" else list(w.pad_to_longest)
-    return [Workload(i, o, b, n_prompts=w.n_prompts, input_spread=w.input_spread, sorted=s, batching=w.batching,
-                     max_batch_tokens=w.max_batch_tokens, pad_to_longest=pad, seed=w.seed)
-            for i, o, b, s, pad in itertools.product(w.input_tokens, w.output_tokens, batches, sorts, pads)]
-
-
-class Progress:
-    def __init__(self, total: int, what: str):
-        self.total, self.done, self.t0, self.what = total, 0, time.perf_counter(), what
-
-    def step(self, text: str) -> None:
-        self.done += 1
-        el = time.perf_counter() - self.t0
-        eta = el / self.done * (self.total - self.done)
-        print(f"[{self.what} {self.done}/{self.total} {el:.0f}s, eta {eta:.0f}s] {text}", flush=True)
-
-
-def fmt_point(m: dict) -> str:
-    return (f"e2e {m['wall_s']:.3f}s ttft {m['ttft_s']:.3f}s tpot {1e3 * m['tpot_s']:.1f}ms "
-            f"{m['tokens_per_s']:.1f} tok/s pad {100 * (m['padding_waste'] + m.get('prefill_padding', 0)):.0f}% "
-            f"peak {m['peak_memory_bytes'] / 2**20:.0f}MiB")
-
-
-def log_point(parent: str, name: str, params: dict, metrics: dict, tags: dict | None = None) -> str:
-    import mlflow
-    from jobs._tracking import log_metrics
-    with mlflow.start_run(run_id=parent):
-        with mlflow.start_run(run_name=name, nested=True, tags={"job": "benchmark", "lab.role": "point",
-                                                                "lab.mode": params["mode"], **(tags or {})}) as run:
-            mlflow.log_params({k: str(v) for k, v in params.items()})
-            log_metrics(metrics)
-            return run.info.run_id
-
-
-def run_synthetic(cfg, gen, parent: str, base: dict) -> list[dict]:
-    from libinfer.lab import measure
-    points = grid(cfg)
-    prog = Progress(len(points), f"{cfg.model.name} {cfg.mode}")
-    out = []
-    for wl in points:
-        m = measure(gen, wl, repeats=cfg.workload.repeats, warm=cfg.workload.warm_each_point)
-        params = point_params(cfg, gen, wl.params())
-        name = f"{cfg.model.name} in{wl.input_tokens} out{wl.output_tokens} b{wl.batch_size}" + \
-            (" sorted" if wl.sorted else "") + (" padded" if wl.pad_to_longest else "")
-        log_point(parent, name, params, {**m, **base})
-        prog.step(f"{name}: {fmt_point(m)}")
-        out.append({**params, **m})
-    return out
-
-
-def oom_column(cfg, i: int, o: int) -> str:
-    m = cfg.model
-    # the budget is the "device memory" of a CPU column (the talk's columns were GPU types)
-    budget = f" {cfg.oom.budget_gb:.3g}GiB" if cfg.oom.budget_gb else ""
-    return f"{m.name} {m.device} {m.dtype} tp{m.tp_size} in{i} out{o}{budget}"
-
-
-def run_oom(cfg, gen, parent: str, base: dict) -> list[dict]:
-    from libinfer.lab import Workload, measure, release_cache
-    from libinfer.oom import memory_probe, search_max_batch
-    budget = cfg.oom.budget_gb * 2**30 if cfg.oom.budget_gb else None
-    out = []
-    for i, o in itertools.product(cfg.oom.input_tokens, cfg.oom.output_tokens):
-        col = oom_column(cfg, i, o)
-        prog = Progress(int(2 * max(1, cfg.oom.max_batch).bit_length()), f"oom {col}")
-
-        def measure_b(b: int) -> dict:
-            wl = Workload(i, o, b, seed=cfg.workload.seed, batching="static")
-            try:
-                # no warm run: memory is what we ask about, and the warm run would double the cost
-                return measure(gen, wl, warm=False, kv_cache_gb=2 * (budget or 0) / 2**30 or None)
-            finally:
-                release_cache(gen)
-
-        def logged(p):
-            params = point_params(cfg, gen, {**Workload(i, o, p.batch_size).params(), "oom_column": col,
-                                             "oom_budget_gb": cfg.oom.budget_gb, "oom_metric": cfg.oom.metric})
-            metrics = {**p.metrics, **base, "fits": float(p.fits)}
-            log_point(parent, f"oom {col} b{p.batch_size}", params, metrics, tags={"lab.oom_reason": p.reason})
-            prog.step(f"batch {p.batch_size}: " + ("fits, " + fmt_point(p.metrics) if p.fits else f"OOM ({p.reason})"))
-            out.append({**params, **metrics})
-
-        bd = search_max_batch(memory_probe(measure_b, budget, cfg.oom.metric), limit=cfg.oom.max_batch, on_probe=logged)
-        print(f"==> {col}: max batch {bd.max_batch}{' (search capped)' if bd.capped else ''} "
-              f"with {len(bd.probes)} probes", flush=True)
-    return out
-
+# ------------------------------------------------------------------- the points
 
 def refresh_oom_table(parent: str) -> str:
     """Rebuild the sweep's OOM table from all its probe runs and attach it to the parent."""
     import mlflow
-    from libinfer.oom import boundaries_from_records, oom_table_csv, oom_table_markdown
-    run = mlflow.get_run(parent)
-    runs = mlflow.search_runs([run.info.experiment_id], output_format="list",
-                              filter_string=f"tags.mlflow.parentRunId = '{parent}' and tags.`lab.mode` = 'oom'")
-    records = [{**r.data.params, **r.data.metrics} for r in runs]
-    cols = boundaries_from_records(records)
-    md = oom_table_markdown(cols, title="OOM boundary (batch size x model/device config)")
+    from jobs._tracking import lab_points
+    from libinfer.lab.oom import oom_tables
+    runs = lab_points(mlflow.MlflowClient(), mlflow.get_run(parent).info.experiment_id, parent, mode="oom")
+    cols, tables = oom_tables([{**r.data.params, **r.data.metrics} for r in runs])
     with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=parent):
-        for name, text in (("oom_table.csv", oom_table_csv(cols)), ("oom_table.md", md)):
+        for name, text in tables.items():
             Path(tmp, name).write_text(text)
             mlflow.log_artifact(str(Path(tmp, name)), artifact_path="lab")
         for col, bd in cols.items():
             mlflow.set_tag(re.sub(r"[^\w\-. :/]", "_", f"lab.max_batch {col}")[:250], str(bd.max_batch))
-    return md
+    return tables["oom_table.md"]
 
-
-# --------------------------------------------------------------------- replay
 
 def corpus_path(cfg) -> str:
     """The corpus as given, or relative to the repository (the default ships with it)."""
@@ -339,61 +215,33 @@ def corpus_path(cfg) -> str:
     return str(p.resolve())
 
 
-def read_corpus(path: str, column: str, limit: int) -> list[str]:
-    import json
-    rows = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            try:
-                text = json.loads(line).get(column)
-            except (json.JSONDecodeError, AttributeError):
-                continue
-            if isinstance(text, str) and text.strip():
-                rows.append(text)
-            if limit and len(rows) >= limit:
-                break
-    return rows
+def run_sweep(cfg, gen, parent: str, base: dict) -> list[dict]:
+    """The synthetic modes and the libinfer replay: measured by libinfer.lab.sweep."""
+    from jobs._tracking import log_lab_point
+    from libinfer.lab.sweep import Sweep, read_corpus
+    from libinfer.lab.workload import grid
+    m, w, one = cfg.model, cfg.workload, cfg.mode == "single"
+    sweep = Sweep(gen, {"mode": cfg.mode, "model": m.name, "size": cfg.size or "", "dtype": m.dtype,
+                        "device": m.device, "tp_size": m.tp_size, "threads": cfg.threads},
+                  record=lambda *point: log_lab_point(parent, *point), metrics=base)
+    if cfg.mode == "oom":
+        o = cfg.oom
+        return sweep.oom(o.input_tokens, o.output_tokens, o.budget_gb, o.metric, o.max_batch, w.seed)
+    if cfg.mode == "replay":
+        from jobs._config import generation_params
+        r = cfg.replay
+        texts = read_corpus(corpus_path(cfg), r.text_column, r.limit)
+        if not texts:
+            raise ConfigError("replay.corpus", f"no rows with a '{r.text_column}' text in {r.corpus}")
+        return sweep.replay(texts, generation_params(cfg.generation), r.batch_size, r.sorted, w.batching,
+                            w.max_batch_tokens, corpus=r.corpus)
+    workloads = grid(w.input_tokens, w.output_tokens, [1] if one else w.batch_size, [False] if one else w.sorted,
+                     [False] if one else w.pad_to_longest, n_prompts=w.n_prompts, input_spread=w.input_spread,
+                     batching=w.batching, max_batch_tokens=w.max_batch_tokens, seed=w.seed)
+    return sweep.points(workloads, repeats=w.repeats, warm=w.warm_each_point)
 
 
-def run_replay(cfg, gen, parent: str, base: dict) -> list[dict]:
-    """The real corpus with a real preset (e.g. generation=test1): unsorted arrival order
-    vs sorted by token length, per batch size. `via=pipeline` runs jobs.pipeline instead."""
-    if cfg.replay.via == "pipeline":
-        return run_replay_pipeline(cfg, parent, base)
-    import statistics
-    from jobs._config import generation_params
-    params = generation_params(cfg.generation)
-    texts = read_corpus(corpus_path(cfg), cfg.replay.text_column, cfg.replay.limit)
-    if not texts:
-        raise ConfigError("replay.corpus", f"no rows with a '{cfg.replay.text_column}' text in {cfg.replay.corpus}")
-    ids = [gen.encode(t, params) for t in texts]
-    lens = [len(x) for x in ids]
-    points = list(itertools.product(cfg.replay.batch_size, cfg.replay.sorted))
-    prog = Progress(len(points), f"{cfg.model.name} replay")
-    out = []
-    for b, srt in points:
-        prompts = sorted(ids, key=len) if srt else list(ids)
-        gen.max_batch_size, gen.static_batching = b, cfg.workload.batching == "static"
-        gen.max_batch_tokens = cfg.workload.max_batch_tokens or max(b * max(lens), 1)
-        res = gen.generate(prompts, params)
-        m = res.metrics
-        metrics = {**m.summary(), **base,
-                   "ttft_s": statistics.fmean(m.ttft_s) if m.ttft_s else float("nan"),
-                   "tpot_s": m.decode_s / m.decode_steps if m.decode_steps else float("nan"),
-                   "e2e_latency_s": statistics.fmean(m.latencies_s) if m.latencies_s else m.wall_s,
-                   "requests_per_s": len(prompts) / m.wall_s}
-        p = point_params(cfg, gen, {"batch_size": b, "sorted": srt, "n_prompts": len(prompts),
-                                    "input_tokens": round(statistics.fmean(lens)), "max_prompt_tokens": max(lens),
-                                    "output_tokens": params.out_seq_length, "corpus": cfg.replay.corpus,
-                                    "batching": cfg.workload.batching, "replay_via": "libinfer"})
-        name = f"{cfg.model.name} replay b{b}" + (" sorted" if srt else " unsorted")
-        log_point(parent, name, p, metrics)
-        prog.step(f"{name}: {fmt_point(metrics)}")
-        out.append({**p, **metrics})
-    return out
-
+# --------------------------------------------------------- replay via jobs.pipeline
 
 def pipeline_overrides(cfg, sort: bool, outdir: str, run_name: str) -> list[str]:
     """The jobs.pipeline command line of a replay point: our model and generation choices
@@ -425,6 +273,8 @@ def run_replay_pipeline(cfg, parent: str, base: dict) -> list[dict]:
     import subprocess
     import mlflow
     from jobs._model import ensure_model
+    from jobs._tracking import log_lab_point
+    from libinfer.lab.sweep import Progress
     ensure_model(cfg.model)          # a ladder size is written here, not by the pipeline's tiny default
     out = []
     prog = Progress(len(cfg.replay.sorted), f"{cfg.model.name} replay via jobs.pipeline")
@@ -455,7 +305,7 @@ def run_replay_pipeline(cfg, parent: str, base: dict) -> list[dict]:
              "n_prompts": int(rows),
              "input_tokens": round(pm.get("generate.prompt_tokens", 0) / rows) if rows else 0}
         name = f"{cfg.model.name} replay pipeline" + (" sorted" if srt else " unsorted")
-        log_point(parent, name, p, metrics)
+        log_lab_point(parent, name, p, metrics, {})
         prog.step(f"{name}: process {wall:.1f}s, generate {metrics['wall_s']:.1f}s, "
                   f"{metrics['tokens_per_s']:.1f} tok/s, padding {100 * metrics['padding_waste']:.1f}%")
         out.append({**p, **metrics})
@@ -484,13 +334,12 @@ def run(cfg) -> list[dict]:
     with mlflow.start_run(run_id=parent):
         log_config(cfg, name=f"config_{cfg.mode}_{cfg.model.name}_{time.strftime('%H%M%S')}.yaml")
     t0 = time.perf_counter()
-    if cfg.mode == "oom":
-        records = run_oom(cfg, gen, parent, base)
-        print(refresh_oom_table(parent), flush=True)
-    elif cfg.mode == "replay":
-        records = run_replay(cfg, gen, parent, base)
+    if gen is None:
+        records = run_replay_pipeline(cfg, parent, base)
     else:
-        records = run_synthetic(cfg, gen, parent, base)
+        records = run_sweep(cfg, gen, parent, base)
+    if cfg.mode == "oom":
+        print(refresh_oom_table(parent), flush=True)
     print(f"{len(records)} points in {time.perf_counter() - t0:.0f}s under parent run {parent} "
           f"(experiment {cfg.mlflow.experiment!r}, {cfg.mlflow.tracking_uri}); "
           f"figures: python -m jobs.report sweep={parent}", flush=True)

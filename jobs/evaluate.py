@@ -16,7 +16,7 @@ avg_generated_tokens, repetition_rate, ...), the generate speed metrics (`genera
 and the outputs table (`eval_outputs.json` via mlflow.log_table: the UI's artifact view
 shows prompt / reference / prediction side by side).
 
-eval.mode=determinism runs libinfer.determinism on the driver instead (no Spark): the
+eval.mode=determinism runs libinfer.lab.determinism on the driver instead (no Spark): the
 share of prompts whose greedy output is identical across batch sizes, tp_size 1/2 and
 dtypes, logged as `determinism.*` metrics.
 """
@@ -226,7 +226,7 @@ def read_prompts(cfg, limit: int) -> list[str]:
 
 
 def run_determinism(cfg) -> dict:
-    from libinfer.determinism import determinism_report
+    from libinfer.lab.determinism import determinism_report
     det = cfg.eval.determinism
     prompts = read_prompts(cfg, det.limit)
     from jobs._model import ensure_model

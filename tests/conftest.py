@@ -33,7 +33,7 @@ def smollm2_hf():
 def random_models(tmp_path_factory):
     """Two random-initialised configs as safetensors dirs: GQA + untied embeddings, and
     tied embeddings with a head_dim that is not hidden/heads."""
-    from libinfer.random_model import save_random_model
+    from libinfer.lab.random_model import save_random_model
     root = tmp_path_factory.mktemp("random_models")
     return {
         "gqa_untied": save_random_model(root / "gqa_untied", seed=1, hidden_size=128, n_layers=3, n_heads=8,

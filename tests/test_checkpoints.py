@@ -38,7 +38,7 @@ def hf_tensors(ckpt) -> dict:
 def save_hf(tensors: dict, ckpt, tokenizer, out_dir) -> str:
     """An HF directory (config.json, model.safetensors, tokenizer) of `tensors`."""
     from safetensors.torch import save_file
-    from libinfer.random_model import llama_config
+    from libinfer.lab.random_model import llama_config
     c = ckpt.config
     os.makedirs(out_dir, exist_ok=True)
     cfg = llama_config(hidden_size=c.hidden_size, n_layers=c.n_layers, n_heads=c.n_heads, n_kv_heads=c.n_kv_heads,
@@ -178,7 +178,7 @@ def test_evaluate_metrics_hand_checked(spark, tiny_model, tmp_path):
 
 
 def test_determinism_report_tiny(tiny_model):
-    from libinfer.determinism import determinism_report
+    from libinfer.lab.determinism import determinism_report
     r = determinism_report(tiny_model.path, None, ["a b c", "hello", "x y z w"] * 3, batch_sizes=(1, 4),
                            tp_sizes=(1,), dtypes=("float32", "bfloat16"), out_seq_length=4)
     assert r["batch_1"] == 1.0 and 0.0 <= r["batch_4"] <= 1.0 and 0.0 <= r["dtype_bfloat16"] <= 1.0

@@ -12,8 +12,8 @@ import torch
 
 from conftest import JOB_ROOT
 
-from libinfer.oom import (Boundary, Probe, boundaries_from_records, memory_probe, oom_table_csv,
-                          oom_table_markdown, search_max_batch)
+from libinfer.lab.oom import (Boundary, Probe, boundaries_from_records, memory_probe, oom_table_csv,
+                              oom_table_markdown, search_max_batch)
 
 
 # ----------------------------------------------------------------- OOM search
@@ -85,7 +85,7 @@ def _record(model, P, layers, b, lin, lout):
 
 
 def test_predictor_recovers_a_known_model_and_extrapolates():
-    from libinfer import predictor
+    from libinfer.lab import predictor
     true_lat = [0.01, 1 / 100e9, 0, 20e-6, 1 / 30e9, 1 / 200e9, 1 / 10e9]
     true_mem = [300 * 2**20, 1.0, 1.0, 2.0]
     recs = []
@@ -122,7 +122,7 @@ def lab(tmp_path_factory):
     """A small sweep: two model sizes x single, one multi and three OOM searches."""
     from jobs import benchmark
     from libinfer import ModelConfig
-    from libinfer.random_model import llama_config
+    from libinfer.lab.random_model import llama_config
     threads = torch.get_num_threads()
     tmp = tmp_path_factory.mktemp("lab")
     small, big = _model(tmp, "tiny_a", 1), _model(tmp, "tiny_b", 4)

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .generator import Generator
-from .params import GenerationParams
+from ..generator import Generator
+from ..params import GenerationParams
 
 
 def greedy_ids(gen: Generator, prompts: list, out_seq_length: int) -> list[tuple[int, ...]]:

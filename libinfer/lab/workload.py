@@ -1,7 +1,5 @@
-"""The performance lab's measurements, without Spark or MLflow (the talk, section 3).
+"""One point of the performance lab, measured without Spark or MLflow (the talk, section 3).
 
-- `SIZES`: a ladder of random-initialised Llama-family shapes, each about 2x the
-  parameters of the one before (~35M to ~1.1B), plus real shapes to predict for.
 - `synthetic_prompts`: token-id prompts of exact lengths (fixed or spread), so input
   length is an axis and not an accident of a tokenizer.
 - `Workload` + `measure`: one point of the study, run with `ignore_eos` so the number of
@@ -11,66 +9,16 @@
 from __future__ import annotations
 
 import gc
-import os
+import itertools
 import statistics
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from .generator import Generator
-from .loading import ModelConfig
-from .params import GenerationParams
+from ..generator import Generator
+from ..params import GenerationParams
 
-# Width/depth ladder: every step ~2x parameters (tied 49,152-token embedding included).
-# Head dim 64 and grouped KV heads as in SmolLM2/Llama-3.
-SIZES: dict[str, dict] = {
-    "llama_35m": dict(hidden_size=384, n_layers=10, n_heads=6, n_kv_heads=2, intermediate_size=1024),
-    "llama_70m": dict(hidden_size=512, n_layers=15, n_heads=8, n_kv_heads=4, intermediate_size=1408),
-    "llama_140m": dict(hidden_size=640, n_layers=23, n_heads=10, n_kv_heads=5, intermediate_size=1792),
-    "llama_280m": dict(hidden_size=896, n_layers=26, n_heads=14, n_kv_heads=7, intermediate_size=2432),
-    "llama_560m": dict(hidden_size=1280, n_layers=29, n_heads=20, n_kv_heads=5, intermediate_size=3456),
-    "llama_1b": dict(hidden_size=1792, n_layers=30, n_heads=28, n_kv_heads=7, intermediate_size=4864),
-    # Real shapes (not built by default): named targets for the predictor.
-    "smollm2_360m": dict(hidden_size=960, n_layers=32, n_heads=15, n_kv_heads=5, intermediate_size=2560),
-    "smollm2_1.7b": dict(hidden_size=2048, n_layers=24, n_heads=32, n_kv_heads=32, intermediate_size=8192),
-    "llama_3b": dict(hidden_size=2560, n_layers=36, n_heads=40, n_kv_heads=8, intermediate_size=6912),
-}
-
-
-def size_config(name: str) -> ModelConfig:
-    """The ModelConfig a ladder name stands for (no weights needed)."""
-    from .random_model import llama_config
-    if name not in SIZES:
-        raise KeyError(f"unknown lab size {name!r}; known: {', '.join(SIZES)}")
-    return ModelConfig.from_hf(llama_config(**SIZES[name]))
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("LIBINFER_CACHE", Path.home() / ".cache" / "libinfer"))
-
-
-def ensure_size_model(name: str, root: str | os.PathLike | None = None) -> Path:
-    """Write the random model `name` to `<root>/models/lab_<name>` once; returns the dir."""
-    from .random_model import save_random_model
-    out = Path(root or cache_dir()) / "models" / f"lab_{name}"
-    if not (out / "config.json").exists():
-        save_random_model(out, seed=0, **SIZES[name])
-    return out
-
-
-def model_facts(gen: Generator) -> dict[str, float]:
-    """Shape numbers the report and the predictor use as inputs."""
-    c = gen.config
-    elem = torch.empty((), dtype=gen.dtype).element_size()
-    return {"n_params": c.n_params, "n_layers": c.n_layers, "hidden_size": c.hidden_size,
-            "intermediate_size": c.intermediate_size, "vocab_size": c.vocab_size,
-            "kv_bytes_per_token": c.kv_bytes_per_token(gen.dtype), "dtype_bytes": elem,
-            "weight_bytes": c.n_params * elem}
-
-
-# ------------------------------------------------------------------ workloads
 
 def prompt_lengths(n: int, input_tokens: int, spread: float = 0.0, seed: int = 0) -> list[int]:
     """n lengths with mean ~input_tokens: all equal (spread 0) or uniform in
@@ -112,6 +60,12 @@ class Workload:
         d = asdict(self)
         d["n_prompts"] = self.prompts_count
         return d
+
+
+def grid(input_tokens, output_tokens, batch_sizes=(1,), sorts=(False,), pads=(False,), **common) -> list[Workload]:
+    """Every combination of the axes, one Workload each; `common` is the same for all."""
+    return [Workload(i, o, b, sorted=s, pad_to_longest=pad, **common)
+            for i, o, b, s, pad in itertools.product(input_tokens, output_tokens, batch_sizes, sorts, pads)]
 
 
 def pad_batches(prompts: list[list[int]], batch_size: int, filler: int) -> list[list[int]]:
@@ -175,17 +129,18 @@ def _run_once(gen: Generator, prompts, wl: Workload) -> dict[str, float]:
     if bad:
         raise ValueError(f"{len(bad)} prompts rejected: {bad[0]}")
     n = len(prompts)
-    out = m.summary()
-    out.update(
-        ttft_s=statistics.fmean(m.ttft_s) if m.ttft_s else float("nan"),
-        # every decode step emits one token for each running row
-        tpot_s=m.decode_s / m.decode_steps if m.decode_steps else float("nan"),
-        e2e_latency_s=statistics.fmean(m.latencies_s) if m.latencies_s else m.wall_s,
-        max_latency_s=max(m.latencies_s) if m.latencies_s else m.wall_s,
-        requests_per_s=n / m.wall_s if m.wall_s else 0.0,
-        exact_lengths=float(m.generated_tokens == n * wl.output_tokens),
-    )
-    return out
+    return {**latency_metrics(m, n), "max_latency_s": max(m.latencies_s) if m.latencies_s else m.wall_s,
+            "exact_lengths": float(m.generated_tokens == n * wl.output_tokens)}
+
+
+def latency_metrics(m, n_prompts: int) -> dict[str, float]:
+    """A generate call's metrics summary plus the lab's per-request latencies."""
+    return {**m.summary(),
+            "ttft_s": statistics.fmean(m.ttft_s) if m.ttft_s else float("nan"),
+            # every decode step emits one token for each running row
+            "tpot_s": m.decode_s / m.decode_steps if m.decode_steps else float("nan"),
+            "e2e_latency_s": statistics.fmean(m.latencies_s) if m.latencies_s else m.wall_s,
+            "requests_per_s": n_prompts / m.wall_s if m.wall_s else 0.0}
 
 
 def measure(gen: Generator, wl: Workload, repeats: int = 1, warm: bool = True,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .loading import Checkpoint
+from ..loading import Checkpoint
 
 
 def llama_config(hidden_size: int = 256, n_layers: int = 4, n_heads: int = 8, n_kv_heads: int | None = None,

@@ -171,3 +171,11 @@ def boundaries_from_records(records: list[dict], column: str = "oom_column") -> 
         bad = [b for b, p in ps.items() if not p.fits]
         out[col] = Boundary(max(good, default=0), dict(sorted(ps.items())), capped=not bad)
     return out
+
+
+def oom_tables(records: list[dict]) -> tuple[dict[str, Boundary], dict[str, str]]:
+    """Each column's boundary from flat probe records, and the table as files
+    {"oom_table.csv": ..., "oom_table.md": ...}."""
+    cols = boundaries_from_records(records)
+    return cols, {"oom_table.csv": oom_table_csv(cols),
+                  "oom_table.md": oom_table_markdown(cols, title="OOM boundary (batch size x model/device config)")}
