@@ -13,7 +13,7 @@ import torch
 
 from tests.conftest import JOB_ROOT, write_jsonl
 
-from libinfer.loading import _HF_NAMES
+from libinfer.models.llama import HF_NAMES as _HF_NAMES
 
 HF_NAMES = {ours: hf for hf, ours in _HF_NAMES.items()}   # the loader's own map, inverted for the export
 
@@ -43,7 +43,7 @@ def save_hf(tensors: dict, ckpt, tokenizer, out_dir) -> str:
     os.makedirs(out_dir, exist_ok=True)
     cfg = llama_config(hidden_size=c.hidden_size, n_layers=c.n_layers, n_heads=c.n_heads, n_kv_heads=c.n_kv_heads,
                        intermediate_size=c.intermediate_size, head_dim=c.head_dim, vocab_size=c.vocab_size,
-                       tie_embeddings=c.tie_embeddings, max_position=c.max_position, rope_theta=c.rope_theta)
+                       tie_embeddings=c.tie_embeddings, max_position=c.max_position, rope_theta=c.rope.theta)
     cfg.update(rms_norm_eps=c.rms_eps, bos_token_id=c.bos_token_id, eos_token_id=list(c.eos_token_ids)[0],
                torch_dtype="bfloat16")
     save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})

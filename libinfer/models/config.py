@@ -71,9 +71,11 @@ class ModelConfig:
 
     @property
     def n_params(self) -> int:
-        h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
-        q, kv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        per_layer = h * (q + 2 * kv) + q * h + 3 * h * i + 2 * h
+        h, i, v, d = self.hidden_size, self.intermediate_size, self.vocab_size, self.head_dim
+        q, kv = self.n_heads * d, self.n_kv_heads * d
+        norms = 4 if self.arch == "gemma3" else 2         # Gemma 3 also norms each sublayer's output
+        per_layer = (h * (q + 2 * kv) + q * h + 3 * h * i + norms * h + (2 * d if self.qk_norm else 0)
+                     + ((q + 2 * kv) if self.attention_bias else 0) + (h if self.o_bias else 0))
         return v * h * (1 if self.tie_embeddings else 2) + self.n_layers * per_layer + h
 
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
@@ -87,7 +89,7 @@ class ModelConfig:
     def from_hf(cls, cfg: dict) -> "ModelConfig":
         """Parse an HF config.json dict with its family's parser (see models/__init__.py)."""
         from . import family_for_hf
-        return family_for_hf(cfg).from_hf(cfg)
+        return family_for_hf(cfg).parse_hf(cfg)
 
 
 class Refuse:

@@ -60,3 +60,14 @@ def test_gemma3_270m_gguf_equals_transformers(gemma3_270m):
             out = ref.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=16,
                                min_new_tokens=16, eos_token_id=None, pad_token_id=0)
         assert res.outputs[0].token_ids == out[0, ids.shape[1]:].tolist(), p[:40]
+
+
+@pytest.mark.slow
+def test_gemma3_270m_tp2_equals_tp1(gemma3_270m):
+    """One KV head on two ranks: each holds a copy and two of the four query heads."""
+    params = GenerationParams(greedy=True, out_seq_length=12, ignore_eos=True)
+    one = gemma3_270m.generate(PROMPTS_270M, params)
+    with Generator.from_pretrained("gemma3_270m", tp_size=2, tp_timeout_s=120) as gen:
+        assert gen.runner.rank_weight_bytes[0] < gemma3_270m.runner.weight_bytes()
+        two = gen.generate(PROMPTS_270M, params)
+    assert [r.outputs[0].token_ids for r in two] == [r.outputs[0].token_ids for r in one]
