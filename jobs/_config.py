@@ -49,6 +49,7 @@ class ModelConf:
     max_batch_size: int = 64            # KV-cache slots (rows decoded together)
     max_batch_tokens: int = 2048        # prompt tokens per prefill step
     kv_cache_gb: float = 4.0
+    prefix_cache: bool = True           # rows sharing leading 16-token blocks share their K/V (false: off)
     random_init: Optional[RandomInitConf] = None
 
 
@@ -91,7 +92,8 @@ class DataConf:
     max_chars: int = 100_000                # longer rows are quarantined before tokenizing
     template: Optional[str] = None          # e.g. "Q: {text}\nA:"; null = the text as is
     chat_template: bool = False             # wrap the text as one user turn of the tokenizer's template
-    sort_by_length: bool = True             # range-partition on token count, sort inside partitions
+    cluster_by: str = "prefix"              # prefix (shared leading blocks, by length inside) | length | none
+    sort_by_length: Optional[bool] = None   # deprecated: true = cluster_by=length, false = cluster_by=none
     num_partitions: int = 0                 # 0 = spark.default.parallelism
     limit: int = 0                          # 0 = all rows (demo/tests: the first N)
 
@@ -168,6 +170,13 @@ register()
 DTYPES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16", "half")
 FORMATS = ("jsonl", "parquet", "text")
 UNICODE_FORMS = ("NFC", "NFKC", "NFD", "NFKD")
+CLUSTER_BY = ("prefix", "length", "none")
+
+
+def cluster_by(data) -> str:
+    """The effective data.cluster_by (the deprecated data.sort_by_length wins when set)."""
+    old = data.get("sort_by_length")
+    return data["cluster_by"] if old is None else ("length" if old else "none")
 
 
 def _check(key: str, ok: bool, message: str) -> None:
@@ -211,6 +220,8 @@ def validate(cfg) -> None:
         _check("data.format", d.format in FORMATS, f"must be one of {', '.join(FORMATS)} (got {d.format!r})")
         _check("data.clean.unicode_form", d.clean.unicode_form is None or d.clean.unicode_form in UNICODE_FORMS,
                f"must be one of {', '.join(UNICODE_FORMS)} or null (got {d.clean.unicode_form!r})")
+        _check("data.cluster_by", d.cluster_by in CLUSTER_BY,
+               f"must be one of {', '.join(CLUSTER_BY)} (got {d.cluster_by!r})")
         _check("data.max_chars", d.max_chars >= 1, f"must be >= 1 (got {d.max_chars})")
         _check("data.num_partitions", d.num_partitions >= 0, f"must be >= 0 (got {d.num_partitions})")
         _check("data.limit", d.limit >= 0, f"must be >= 0 (got {d.limit})")

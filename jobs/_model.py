@@ -18,7 +18,7 @@ def ensure_model(model_cfg) -> None:
 def build_generator(model_cfg, warmup: bool = True, **overrides) -> Generator:
     ensure_model(model_cfg)
     engine = dict(max_batch_size=model_cfg.max_batch_size, max_batch_tokens=model_cfg.max_batch_tokens,
-                  kv_cache_gb=model_cfg.kv_cache_gb)
+                  kv_cache_gb=model_cfg.kv_cache_gb, prefix_cache=model_cfg.get("prefix_cache", True))
     engine.update(overrides)
     return Generator.from_pretrained(model_cfg.path, gguf_file=model_cfg.gguf_file, dtype=model_cfg.dtype,
                                      device=model_cfg.device, tp_size=model_cfg.tp_size, warmup=warmup, **engine)

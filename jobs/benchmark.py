@@ -260,7 +260,7 @@ def pipeline_overrides(cfg, sort: bool, outdir: str, run_name: str) -> list[str]
         args += [f"model={choices.get('model', cfg.model.name)}"]
     args += [o for o in task if o.split("=", 1)[0].lstrip("+~").startswith(("generation.", "model.", "spark"))]
     args += [f"data.path={corpus_path(cfg)}", f"data.text_column={cfg.replay.text_column}",
-             f"data.limit={cfg.replay.limit}", f"data.sort_by_length={str(sort).lower()}", f"out={outdir}",
+             f"data.limit={cfg.replay.limit}", f"data.cluster_by={'length' if sort else 'none'}", f"out={outdir}",
              "overwrite=true", f"mlflow.tracking_uri={cfg.mlflow.tracking_uri}",
              f"mlflow.experiment={cfg.mlflow.experiment}", f"mlflow.run_name={run_name}",
              *cfg.replay.pipeline_overrides]

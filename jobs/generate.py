@@ -1,11 +1,12 @@
-"""jobs.generate: run our generator over length-clustered partitions.
+"""jobs.generate: run our generator over the prefix- and length-clustered partitions.
 
     python -m jobs.generate in=DIR out=DIR2 generation=test1 model=smollm2_135m
 
 Reads DIR/clustered/ (written by jobs.preprocess). Each Python worker builds the model
 once and keeps it for every later task (like predict_batch_udf); each partition is fed
-to it in its stored, length-sorted order, `chunk_rows` rows per call, and the generator
-batches neighbouring lengths under its token budget. Writes DIR2/results/ (id, prompt,
+to it in its stored order (one prompt family after the other, sorted by length), `chunk_rows`
+rows per call; the generator batches neighbouring lengths under its token budget and keeps a
+family's shared header in its prefix cache across calls. Writes DIR2/results/ (id, prompt,
 completions, finish_reasons, n_prompt_tokens, n_generated_tokens) and DIR2/quarantine/
 (id, row, stage, reason, raw; preprocess' quarantine is carried over), then `_SUCCESS`.
 Output is deterministic (greedy, or seeded per prompt), so a retried task or a resumed
@@ -163,6 +164,12 @@ def summarize(metric_rows: list[dict], wall_s: float) -> dict:
         "libinfer_padding_waste": total("padded_tokens") / real_pad if real_pad else 0.0,
         "prefill_s": prefill, "decode_s": decode,
         "prefill_share": prefill / (prefill + decode) if prefill + decode else 0.0,
+        # Shared prefixes: prompt tokens read from the prefix cache, prompt tokens computed, the
+        # largest K/V bytes stored per running row (shared segments counted once), evictions.
+        "prefix_hit_tokens": total("prefix_hit_tokens"), "prefill_tokens": total("prefill_tokens"),
+        "prefix_hit_share": total("prefix_hit_tokens") / total("prompt_tokens") if total("prompt_tokens") else 0.0,
+        "kv_bytes_per_row": max(m["kv_bytes_per_row"] for m in metric_rows),
+        "prefix_evictions": total("prefix_evictions"),
         "model_load_s": max(loads) if loads else 0.0, "model_loads": len(loads), "workers": len(peaks),
         "peak_memory_bytes": max(peaks.values()), "peak_memory_bytes_mean": sum(peaks.values()) / len(peaks),
         "task_attempts_retried": sum(1 for m in metric_rows if m["attempt"] > 0),
@@ -230,16 +237,25 @@ def run_generate(spark, cfg, in_dir: str, out: Output, resume: bool) -> dict:
     metrics = summarize(metric_rows, time.perf_counter() - t0)
     metrics["_params"] = params
     # One line per partition task: which worker ran it, its load, time and peak memory.
-    metrics["_partitions"] = [{k: m[k] for k in ("part", "pid", "attempt", "rows", "prompt_tokens", "generated_tokens",
-                                                  "task_s", "load_s", "peak_memory_bytes", "rss_bytes", "threads")}
+    metrics["_partitions"] = [{k: m[k] for k in ("part", "pid", "attempt", "rows", "prompt_tokens", "prefix_hit_tokens",
+                                                  "prefill_tokens", "generated_tokens", "task_s", "load_s",
+                                                  "peak_memory_bytes", "rss_bytes", "threads")}
                               for m in sorted(metric_rows, key=lambda m: m["part"])]
     progress(f"generate: {metrics['rows']} rows, {metrics['generated_tokens']} generated tokens in "
              f"{metrics['wall_s']:.1f}s = {metrics.get('tokens_per_s', 0):.1f} tokens/s; padding waste "
              f"{100 * metrics.get('padding_waste', 0):.1f}% (job batches), "
              f"{100 * metrics.get('libinfer_padding_waste', 0):.1f}% (decode attention); "
              f"model loads {metrics.get('model_loads', 0)} in {metrics.get('workers', 0)} workers")
+    progress(f"generate: {prefix_cache_line(metrics)}")
     progress(f"generate: results in {out.path('results')}, quarantine in {out.path('quarantine')}")
     return metrics
+
+
+def prefix_cache_line(m: dict) -> str:
+    return (f"prefix cache {m.get('prefix_hit_tokens', 0)} of {m.get('prompt_tokens', 0)} prompt tokens reused "
+            f"({100 * m.get('prefix_hit_share', 0):.1f}%), {m.get('prefill_tokens', 0)} computed; "
+            f"K/V {m.get('kv_bytes_per_row', 0) / 2**20:.1f} MiB per running row (peak); "
+            f"{m.get('prefix_evictions', 0)} evictions")
 
 
 def log_generate(metrics: dict, prefix: str = "") -> None:

@@ -3,9 +3,10 @@
     python -m jobs.pipeline data.path=IN.jsonl out=DIR2 generation=test1
     spark-submit jobs/pipeline.py data.path=IN.jsonl out=DIR2 generation=test1
 
-Writes DIR2/clustered/ (the length-clustered prompts), DIR2/results/ and DIR2/quarantine/;
-logs one MLflow run with both stages' metrics (`preprocess.*`, `generate.*`). With
-resume=true a finished clustered/ is reused and ids already in results are skipped.
+Writes DIR2/clustered/ (the prompts clustered by prefix family and length), DIR2/results/
+and DIR2/quarantine/; logs one MLflow run with both stages' metrics (`preprocess.*`,
+`generate.*`). With resume=true a finished clustered/ is reused and ids already in results
+are skipped.
 """
 from __future__ import annotations
 
@@ -23,17 +24,19 @@ from jobs._spark import Output, entry_point, prepare_output, progress
 
 
 def summary_lines(pre: dict | None, gen: dict, out: Output, run) -> list[str]:
+    from jobs.generate import prefix_cache_line
     lines = []
     if pre:
+        from jobs.preprocess import padding_line, prefix_line
         lines.append(f"preprocess: {pre['rows_in']} rows in {pre['wall_s']:.1f}s = {pre['rows_per_s']:.1f} rows/s; "
-                     f"{pre['rows_quarantined']} quarantined; padding waste of the job's batches "
-                     f"{100 * pre['padding_waste']:.1f}% (sorted by length {100 * pre['padding_waste_sorted']:.1f}%, "
-                     f"arrival order {100 * pre['padding_waste_unsorted']:.1f}%)")
+                     f"{pre['rows_quarantined']} quarantined; cluster_by={pre['cluster_by']}: {prefix_line(pre)}; "
+                     f"{padding_line(pre)}")
     lines.append(f"generate:   {gen['rows']} rows, {gen['generated_tokens']} tokens in {gen['wall_s']:.1f}s = "
                  f"{gen.get('tokens_per_s', 0):.1f} generated tokens/s, {gen.get('rows_per_s', 0):.2f} rows/s; "
                  f"latency p50 {gen.get('latency_p50_s', 0):.2f}s p95 {gen.get('latency_p95_s', 0):.2f}s; "
                  f"padding waste {100 * gen.get('padding_waste', 0):.1f}% (decode attention "
                  f"{100 * gen.get('libinfer_padding_waste', 0):.1f}%)")
+    lines.append(f"            {prefix_cache_line(gen)}")
     lines.append(f"results:    {out.path('results')}")
     lines.append(f"quarantine: {out.path('quarantine')}")
     if run is not None:

@@ -1,11 +1,12 @@
 """jobs.preprocess: read a corpus, clean it, tokenize it with the model's tokenizer, and
-cluster it by token length, so that each partition holds prompts of similar length.
+cluster it by shared prefix and token length, so that each partition holds the rows of one
+prompt family (the same few-shot header) at similar lengths.
 
     python -m jobs.preprocess data.path=IN.jsonl data.id_column=id data.text_column=prompt out=DIR
 
-Writes DIR/clustered/ (Parquet: id, text, token_ids, n_tokens, row; range-partitioned on
-n_tokens, longest partition first, sorted inside) and DIR/quarantine/ (id, row, stage,
-reason, raw) for rows that cannot be generated. Every input row lands in exactly one.
+Writes DIR/clustered/ (Parquet: id, text, token_ids, n_tokens, row; range-partitioned as
+`data.cluster_by` says, see `cluster`) and DIR/quarantine/ (id, row, stage, reason, raw) for
+rows that cannot be generated. Every input row lands in exactly one.
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ from jobs import _config
 from jobs._spark import JobError, Output, batch_padding, entry_point, maybe_fail, prepare_output, progress, waste
 
 PARSED_SCHEMA = ("row long, id string, text string, token_ids array<int>, n_tokens int, "
-                 "reason string, raw string")
+                 "blocks array<long>, reason string, raw string")
+CLUSTERED_COLUMNS = ["id", "text", "token_ids", "n_tokens", "row"]
 QUARANTINE_COLUMNS = ["id", "row", "stage", "reason", "raw"]
 
 # Control characters except tab and newline (prompts are few-shot blocks: newlines matter).
@@ -86,6 +88,7 @@ def _prepare_fn(data: dict, model: dict, fault: dict):
         import pandas as pd
         from pyspark import TaskContext
         from jobs._spark import worker_tokenizer
+        from libinfer.engine.kv_cache import block_hashes
         ctx = TaskContext.get()
         maybe_fail(fault, "preprocess", ctx.partitionId() if ctx else 0)
         tok, context = worker_tokenizer(model)
@@ -113,14 +116,15 @@ def _prepare_fn(data: dict, model: dict, fault: dict):
                 out["raw"].append(None if reason is None else (raw if raw is not None else text))
             ok = [i for i, r in enumerate(out["reason"]) if r is None]
             ids = tok([out["text"][i] for i in ok]).input_ids if ok else []
-            token_ids, n_tokens = [None] * len(out["row"]), [None] * len(out["row"])
+            token_ids, n_tokens, blocks = ([None] * len(out["row"]) for _ in range(3))
             for i, t in zip(ok, ids):
                 if len(t) >= context:
                     out["reason"][i] = f"prompt too long: {len(t)} tokens >= model context {context}"
                     out["raw"][i], out["text"][i] = out["text"][i], None
                 else:
-                    token_ids[i], n_tokens[i] = list(t), len(t)
-            yield pd.DataFrame({**out, "token_ids": token_ids, "n_tokens": pd.array(n_tokens, dtype="Int32")})
+                    token_ids[i], n_tokens[i], blocks[i] = list(t), len(t), block_hashes(list(t))
+            yield pd.DataFrame({**out, "token_ids": token_ids, "n_tokens": pd.array(n_tokens, dtype="Int32"),
+                                "blocks": blocks})
     return prepare
 
 
@@ -169,13 +173,72 @@ def n_partitions(spark, data: dict, n_rows: int, batch: int) -> int:
     return slots * max(1, min(4, math.ceil(n_rows / (batch * slots))))
 
 
-def cluster(df, parts: int, by_length: bool):
-    """Range-partition on token count (longest partition first, so the long tasks start
-    first) and sort inside each partition; or keep arrival order."""
+# ------------------------------------------------------------------ prefix families
+#
+# `blocks` holds the chain hash of each whole 16-token block of a row's token ids (the
+# engine's own prefix-cache identity, libinfer.engine.kv_cache.block_hashes): entry k stands
+# for tokens [0, 16(k+1)). Counting the rows per hash gives the prefix trie of the corpus
+# (c_k rows begin with this row's first k+1 blocks; c_k never grows with k). A row's family
+# is the node on its own path that saves the most prefill when computed once for all the
+# rows below it: argmax_k (c_k - 1) * (k + 1), ties to the shallower node. Why this node and
+# not a fixed depth or the deepest shared block:
+# - the hash of the first 1-4 blocks merges different tasks behind one common opening (a
+#   chat template's system turn, a shared instruction line) into one family;
+# - the deepest shared block splits a task into fragments: two queries that start with the
+#   same words share one more block (the one across the header's end) than the rest of
+#   their task, and would be a family of their own, in another partition;
+# - the argmax lands on the end of the task's header for every row of the task (60 rows x
+#   25 blocks saves far more than 3 rows x 26 or 240 rows x 1), whatever their query is.
+# Cost: one explode of n_tokens/16 longs per row, one shuffle by hash and one by row; no
+# broadcast, so it scales with the corpus like tokenizing does. Rows that share no block
+# with any other row have no family (null) and are clustered by length after the families.
+# A hash collision only misorders rows (the engine checks the tokens on every hit).
+
+def prefix_families(good):
+    """(row, family, shared_blocks, reusable) for every row that shares >= 1 leading block
+    with another row: family = the chosen node's hash, shared_blocks = the blocks it shares
+    with at least one other row, reusable = its share of the tokens a cache holding every
+    shared block once would not compute (summed over rows: sum over nodes of 16 (c - 1))."""
     from pyspark.sql import functions as F
-    if by_length:
-        return df.repartitionByRange(parts, F.desc("n_tokens"), "id").sortWithinPartitions("n_tokens", "id")
-    return df.repartitionByRange(parts, "row").sortWithinPartitions("row")
+    from pyspark.sql.window import Window
+    from libinfer.engine.kv_cache import BLOCK
+    nodes = good.select("row", F.posexplode("blocks").alias("k", "h"))
+    nodes = nodes.withColumn("c", F.count(F.lit(1)).over(Window.partitionBy("h"))).filter(F.col("c") >= 2)
+    saved = F.struct(((F.col("c") - 1) * (F.col("k") + 1)).alias("saved"), (-F.col("k")).alias("shallow"))
+    return nodes.groupBy("row").agg(F.max_by("h", saved).alias("family"), (F.max("k") + 1).alias("shared_blocks"),
+                                    F.sum(BLOCK * (F.col("c") - 1) / F.col("c")).alias("reusable"))
+
+
+def local_families(blocks: list[list[int]]) -> list[int | None]:
+    """The same family choice as `prefix_families`, in one process (the single-process
+    baseline and the tests' reference)."""
+    from collections import Counter
+    c = Counter(h for b in blocks for h in b)
+    return [max(((c[h] - 1) * (k + 1), -k, h) for k, h in enumerate(b) if c[h] >= 2)[2]
+            if b and c[b[0]] >= 2 else None for b in blocks]
+
+
+def with_families(good, families):
+    """good + family and root (the first block's hash; null without a family): sorting on
+    (root, family) keeps the families of one opening next to each other."""
+    from pyspark.sql import functions as F
+    keyed = good.join(families.select("row", "family"), "row", "left")
+    return keyed.withColumn("root", F.when(F.col("family").isNotNull(), F.col("blocks")[0]))
+
+
+def cluster(df, parts: int, mode: str):
+    """The partitions generate runs, in order:
+    - length: range-partition on token count (longest partition first, so the long tasks
+      start first), sorted by length inside each partition;
+    - prefix: the same inside each prefix family (`with_families`): a family's rows are
+      contiguous, in one partition or in neighbouring ones, longest first; rows without a
+      family come last, clustered by length as above. With no shared prefix this is `length`;
+    - none: arrival order."""
+    from pyspark.sql import functions as F
+    if mode == "none":
+        return df.repartitionByRange(parts, "row").sortWithinPartitions("row")
+    fam = [F.asc_nulls_last("root"), F.asc_nulls_last("family")] if mode == "prefix" else []
+    return df.repartitionByRange(parts, *fam, F.desc("n_tokens"), "id").sortWithinPartitions(*fam, "n_tokens", "id")
 
 
 def padding_of(df, batch: int) -> float:
@@ -224,9 +287,16 @@ def single_process_baseline(data: dict, model: dict) -> float:
     chunks = [lines[i:i + 10_000] for i in range(0, len(lines), 10_000)]
     batches = (pd.DataFrame({"row": range(i * 10_000, i * 10_000 + len(c)), "value": c}) for i, c in enumerate(chunks))
     out = pd.concat(list(prepare(batches)), ignore_index=True)
-    good = out[out["reason"].isna()].sort_values(["n_tokens", "id"])
+    good = out[out["reason"].isna()].copy()
+    mode = _config.cluster_by(data)
+    if mode == "prefix":
+        good["family"] = pd.array(local_families(list(good["blocks"])), dtype="Int64")
+        good["root"] = pd.array([b[0] if f is not pd.NA else None for b, f in zip(good["blocks"], good["family"])],
+                                dtype="Int64")
+    keys = {"prefix": ["root", "family", "n_tokens", "id"], "length": ["n_tokens", "id"], "none": ["row"]}[mode]
+    good = good.sort_values(keys, na_position="last")
     with tempfile.TemporaryDirectory() as tmp:
-        pq.write_table(pa.Table.from_pandas(good[["id", "text", "token_ids", "n_tokens", "row"]]), f"{tmp}/c.parquet")
+        pq.write_table(pa.Table.from_pandas(good[CLUSTERED_COLUMNS]), f"{tmp}/c.parquet")
     return time.perf_counter() - t0
 
 
@@ -236,6 +306,7 @@ def run_preprocess(spark, cfg, out: Output) -> dict:
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
     from pyspark.sql.window import Window
+    from libinfer.engine.kv_cache import BLOCK
     data = OmegaConf.to_container(cfg.data, resolve=True)
     model = OmegaConf.to_container(cfg.model, resolve=True)
     fault = OmegaConf.to_container(cfg.fault, resolve=True)
@@ -255,34 +326,45 @@ def run_preprocess(spark, cfg, out: Output) -> dict:
                          F.format_string("duplicate id: %d rows have it", F.col("_n"))).otherwise(F.col("reason")))
     parsed = parsed.withColumn("raw", F.when(F.col("reason").isNotNull(), F.coalesce("raw", "text")))
     parsed = parsed.drop("_n").persist(StorageLevel.MEMORY_AND_DISK)
+    families = None
     try:
         counts = {r["ok"]: r["count"] for r in parsed.groupBy(F.col("reason").isNull().alias("ok")).count().collect()}
         n_ok, n_bad = counts.get(True, 0), counts.get(False, 0)
         progress(f"preprocess: {n_ok + n_bad} rows read, {n_ok} usable, {n_bad} to quarantine")
-        good = parsed.filter(F.col("reason").isNull()).select("id", "text", "token_ids", "n_tokens", "row")
+        good = parsed.filter(F.col("reason").isNull()).select(*CLUSTERED_COLUMNS, "blocks")
         bad = parsed.filter(F.col("reason").isNotNull()).select(
             "id", "row", F.lit("preprocess").alias("stage"), "reason", "raw")
         parts = n_partitions(spark, data, n_ok, model["max_batch_size"])
-        clustered = cluster(good, parts, data["sort_by_length"])
-        out.commit(clustered, "clustered")
+        mode = _config.cluster_by(data)
+        families = prefix_families(good).persist(StorageLevel.MEMORY_AND_DISK)
+        keyed = with_families(good, families)
+        out.commit(cluster(keyed, parts, mode).select(*CLUSTERED_COLUMNS), "clustered")
         out.commit(bad, "quarantine")
         out.mark_complete("clustered")
         wall = time.perf_counter() - t0
         hist = sorted((r["n_tokens"], r["count"]) for r in good.groupBy("n_tokens").count().collect())
         batch = model["max_batch_size"]
         clustered_back = spark.read.parquet(out.path("clustered"))
+        prompt_tokens = sum(n * c for n, c in hist)
+        fam = families.agg(F.countDistinct("family").alias("n"), F.sum("shared_blocks").alias("blocks"),
+                           F.sum("reusable").alias("reusable")).first()
+        shared = BLOCK * (fam["blocks"] or 0)
         metrics = {
             "rows_in": n_ok + n_bad, "rows_out": n_ok, "rows_quarantined": n_bad,
-            "prompt_tokens": sum(n * c for n, c in hist), "partitions": parts,
+            "prompt_tokens": prompt_tokens, "partitions": parts, "cluster_by": mode,
             "wall_s": wall, "rows_per_s": (n_ok + n_bad) / wall if wall else 0.0,
             "tokens_min": hist[0][0] if hist else 0, "tokens_max": hist[-1][0] if hist else 0,
-            # The batches generate forms from these partitions, and from the other order.
+            # Few-shot headers: families, prompt tokens in blocks that >= 2 rows share, and the
+            # part of them a cache holding each shared block once need not compute.
+            "prefix_families": fam["n"], "prefix_shared_tokens": shared,
+            "prefix_shared_share": shared / prompt_tokens if prompt_tokens else 0.0,
+            "prefix_reusable_tokens": round(fam["reusable"] or 0),
+            # The batches generate forms from these partitions, and from the other orders.
             "padding_waste": padding_of(clustered_back, batch),
         }
-        other = padding_of(cluster(good.select("n_tokens", "row", "id"), parts, not data["sort_by_length"]), batch)
-        mine = "sorted" if data["sort_by_length"] else "unsorted"
-        metrics[f"padding_waste_{mine}"] = metrics["padding_waste"]
-        metrics["padding_waste_unsorted" if mine == "sorted" else "padding_waste_sorted"] = other
+        for other, name in (("prefix", "prefix"), ("length", "sorted"), ("none", "unsorted")):
+            metrics[f"padding_waste_{name}"] = metrics["padding_waste"] if other == mode else padding_of(
+                cluster(keyed.select("n_tokens", "row", "id", "family", "root"), parts, other), batch)
         metrics["_histogram"] = hist
         local = "://" not in str(data["path"]) and os.path.isfile(str(data["path"]))
         if cfg.compare_single_process and local and data["format"] != "parquet":
@@ -290,14 +372,26 @@ def run_preprocess(spark, cfg, out: Output) -> dict:
             metrics.update(single_process_s=single, speedup_vs_single_process=single / wall)
             progress(f"preprocess: one process without Spark takes {single:.1f}s: Spark is "
                      f"{single / wall:.2f}x that on {spark.sparkContext.defaultParallelism} task slots")
-        progress(f"preprocess: {n_ok} rows -> {out.path('clustered')} ({parts} partitions), {n_bad} -> "
-                 f"{out.path('quarantine')}; {metrics['rows_per_s']:.1f} rows/s; padding waste of "
-                 f"{batch}-row batches {100 * metrics['padding_waste']:.1f}% "
-                 f"(sorted {100 * metrics['padding_waste_sorted']:.1f}%, "
-                 f"arrival order {100 * metrics['padding_waste_unsorted']:.1f}%)")
+        progress(f"preprocess: {n_ok} rows -> {out.path('clustered')} ({parts} partitions, cluster_by={mode}), "
+                 f"{n_bad} -> {out.path('quarantine')}; {metrics['rows_per_s']:.1f} rows/s; {prefix_line(metrics)}; "
+                 f"{padding_line(metrics, batch)}")
         return metrics
     finally:
         parsed.unpersist()
+        if families is not None:
+            families.unpersist()
+
+
+def prefix_line(m: dict) -> str:
+    return (f"{m['prefix_families']} prefix families, {100 * m['prefix_shared_share']:.1f}% of prompt tokens "
+            f"in shared prefixes")
+
+
+def padding_line(m: dict, batch: int | None = None) -> str:
+    rows = f" of {batch}-row batches" if batch else " of the job's batches"
+    return (f"padding waste{rows} {100 * m['padding_waste']:.1f}% (prefix families "
+            f"{100 * m['padding_waste_prefix']:.1f}%, sorted by length {100 * m['padding_waste_sorted']:.1f}%, "
+            f"arrival order {100 * m['padding_waste_unsorted']:.1f}%)")
 
 
 def log_preprocess(metrics: dict, prefix: str = "") -> None:

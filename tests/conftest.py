@@ -131,3 +131,31 @@ def assert_exactly_once(out_dir, input_ids: list) -> None:
     want = Counter(str(i) for i in input_ids if i is not None)
     assert seen == want, (f"missing {sorted((want - seen).elements())[:10]} "
                           f"extra/duplicate {sorted((seen - want).elements())[:10]}")
+
+
+def family_corpus(n: int, seed: int = 0) -> list[dict]:
+    """n few-shot rows (`task` says whose): three tasks with fixed headers, of which two open
+    with the same instruction and differ in their examples, each followed by a short query
+    (many start with the same words), and some rows (task "solo") that share nothing."""
+    import random
+    rng = random.Random(seed)
+    topics = "shoes bread coffee tea camera tents bikes boots desks kettles maps plants".split()
+    intents = ["best {}", "cheap {}", "{} near me", "how to choose {}", "{} review", "where to buy {}"]
+
+    def shots(k: int, salt: int) -> str:
+        r = random.Random(salt)
+        return "".join(f"Q: {r.choice(intents).format(t)}\nA: {', '.join(r.choice(intents).format(t) for _ in range(3))}"
+                       "\n\n" for t in r.sample(topics, k))
+    opening = "Suggest three related search queries for the query below, short, in lower case, separated by commas.\n\n"
+    headers = {"rewrite": "Rewrite the question as three keyword queries for a search engine.\n\n" + shots(3, 1),
+               "related": opening + shots(4, 2), "related_long": opening + shots(9, 3)}
+    words = "query search best cheap near review how to buy shoes bread coffee tea camera".split()
+    rows = []
+    for i in range(n):
+        task = rng.choice(["rewrite", "related", "related_long", "related_long", "solo"])
+        if task == "solo":
+            prompt = f"note {i}: " + " ".join(rng.choice(words) for _ in range(rng.choice([8, 30, 60])))
+        else:
+            prompt = f"{headers[task]}Q: {rng.choice(intents).format(rng.choice(topics))}\nA:"
+        rows.append({"id": f"f{i:03d}", "prompt": prompt, "task": task})
+    return rows

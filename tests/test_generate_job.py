@@ -7,7 +7,7 @@ import os
 import pandas as pd
 import pytest
 
-from conftest import assert_exactly_once, mixed_corpus, read_out, write_jsonl
+from conftest import assert_exactly_once, family_corpus, mixed_corpus, read_out, write_jsonl
 
 N = 40
 
@@ -51,8 +51,11 @@ def test_generate_results_metrics_and_one_model_per_worker(spark, run_cfg, clust
     # 4 partitions on 2 task slots: at most one model per Python worker, reused across tasks.
     assert m["partitions"] == 4 and 1 <= m["model_loads"] <= m["workers"] <= 2
     for k in ("tokens_per_s", "latency_p50_s", "latency_p95_s", "padding_waste", "libinfer_padding_waste",
-              "prefill_s", "decode_s", "model_load_s", "peak_memory_bytes"):
+              "prefill_s", "decode_s", "model_load_s", "peak_memory_bytes", "prefix_hit_tokens", "prefill_tokens",
+              "prefix_hit_share", "kv_bytes_per_row", "prefix_evictions"):
         assert m[k] >= 0, k
+    assert m["kv_bytes_per_row"] > 0 and m["prefill_tokens"] > 0
+    assert {"prefix_hit_tokens", "prefill_tokens"} <= set(m["_partitions"][0])
     assert os.path.exists(f"{cfg.out}/results/_SUCCESS") and not os.path.exists(f"{cfg.out}/_staging")
 
     # Same rows as the generator itself gives on the same token ids (greedy: deterministic).
@@ -122,3 +125,39 @@ def test_prompt_over_context_with_output_goes_to_quarantine(spark, run_cfg, clus
     res, q = read_out(cfg.out)
     assert res.empty and set(q["id"]) == long_ids
     assert all(r.startswith("prompt too long") for r in q["reason"]) and set(q["stage"]) == {"generate"}
+
+
+def test_prefix_cache_on_and_off_on_prefix_families(spark, run_cfg, tmp_path):
+    """A few-shot corpus clustered by prefix: the shared headers are read from the cache
+    (model.prefix_cache=true, the default), recomputed with it off, same completions."""
+    from jobs._spark import Output
+    from jobs._tracking import mlflow_run
+    from jobs.generate import log_generate
+    from jobs.preprocess import run_preprocess
+    rows = family_corpus(24, seed=5)
+    pre = run_cfg(f"data.path={write_jsonl(tmp_path / 'in.jsonl', rows)}", "data.num_partitions=2",
+                  f"out={tmp_path / 'pre'}")
+    run_preprocess(spark, pre, Output(spark, pre.out))
+    Output(spark, pre.out).mark_complete("quarantine")
+    got = {}
+    for on in (True, False):
+        cfg = run_cfg(f"in={pre.out}", f"out={tmp_path / str(on)}", "generation=test1", "generation.stop_sequences=[]",
+                      "generation.out_seq_length=4", f"model.prefix_cache={str(on).lower()}",
+                      f"mlflow.experiment=prefix-cache-{on}-{os.getpid()}")
+        with mlflow_run(cfg, "generate") as run:
+            m = generate(spark, cfg)
+            log_generate(m)
+        assert_exactly_once(cfg.out, [r["id"] for r in rows])
+        res, _ = read_out(cfg.out)
+        got[on] = (m, dict(zip(res["id"], res["completions"].map(list))), run.info.run_id)
+    (on, res_on, run_on), (off, res_off, _) = got[True], got[False]
+    assert res_on == res_off
+    assert on["prompt_tokens"] == off["prompt_tokens"] > 0
+    assert on["prefix_hit_tokens"] > 0 and off["prefix_hit_tokens"] == 0
+    assert on["prefill_tokens"] < off["prefill_tokens"]
+    assert on["prefix_hit_share"] == on["prefix_hit_tokens"] / on["prompt_tokens"]
+    assert 0 < on["kv_bytes_per_row"] < off["kv_bytes_per_row"]
+    import mlflow
+    logged = mlflow.MlflowClient(tracking_uri=cfg.mlflow.tracking_uri).get_run(run_on).data.metrics
+    for k in ("prefix_hit_tokens", "prefill_tokens", "kv_bytes_per_row", "prefix_evictions", "prefix_hit_share"):
+        assert logged[k] == on[k], k

@@ -18,7 +18,7 @@ N = 8
 def test_pipeline_cli_real_model(job_env, tmp_path, smollm2):
     corpus = tmp_path / "in.jsonl"
     lines = sorted((json.loads(l) for l in open(f"{JOB_ROOT}/data/demo_prompts.jsonl")),
-                   key=lambda r: len(r["prompt"]))[::20][:N]     # short to medium demo prompts
+                   key=lambda r: len(r["prompt"]))[::20][:N]     # 4 + 4 rows of the two shortest tasks
     corpus.write_text("".join(json.dumps(r) + "\n" for r in lines))
     out = tmp_path / "out"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -28,7 +28,8 @@ def test_pipeline_cli_real_model(job_env, tmp_path, smollm2):
                        cwd=JOB_ROOT, env=job_env["env"], capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     for text in ("preprocess:", "rows/s", "generated tokens/s", "padding waste", f"results:    {out}/results",
-                 "MLflow run", "mlflow ui --backend-store-uri"):
+                 "MLflow run", "mlflow ui --backend-store-uri", "cluster_by=prefix: 2 prefix families",
+                 "of prompt tokens in shared prefixes", "prompt tokens reused"):
         assert text in p.stdout, text
 
     assert_exactly_once(out, [r["id"] for r in lines])
@@ -49,7 +50,12 @@ def test_pipeline_cli_real_model(job_env, tmp_path, smollm2):
     (run,) = client.search_runs([exp.experiment_id])
     assert run.data.params["generation.top_p"] == "0.8" and run.data.params["model.name"] == "smollm2_135m"
     for k in ("preprocess.rows_per_s", "preprocess.padding_waste", "generate.tokens_per_s", "generate.latency_p95_s",
-              "generate.padding_waste", "generate.model_load_s", "generate.peak_memory_bytes", "generate.prefill_s"):
+              "generate.padding_waste", "generate.model_load_s", "generate.peak_memory_bytes", "generate.prefill_s",
+              "preprocess.prefix_shared_share", "generate.prefill_tokens", "generate.kv_bytes_per_row",
+              "generate.prefix_evictions"):
         assert k in run.data.metrics, k
+    # Two few-shot headers, four rows each: each header is computed once and read three times.
+    assert run.data.metrics["preprocess.prefix_families"] == 2
+    assert run.data.metrics["generate.prefix_hit_tokens"] > 0
     arts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "preprocess_length_histogram.png", "generate_partitions.json"} <= arts

@@ -1,4 +1,5 @@
-"""jobs.preprocess: cleaning, parsing, length clustering, padding of the job's batches."""
+"""jobs.preprocess: cleaning, parsing, length clustering, padding of the job's batches
+(prefix clustering: test_prefix_clustering.py)."""
 from __future__ import annotations
 
 import pandas as pd
@@ -41,7 +42,7 @@ def test_clusters_by_length_and_reports_padding(spark, run_cfg, tmp_path):
     from jobs._spark import Output
     from jobs.preprocess import run_preprocess
     path = write_jsonl(tmp_path / "in.jsonl", mixed_corpus(48))
-    cfg = run_cfg(f"data.path={path}", "data.num_partitions=3", "model.max_batch_size=8")
+    cfg = run_cfg(f"data.path={path}", "data.cluster_by=length", "data.num_partitions=3", "model.max_batch_size=8")
     out = Output(spark, cfg.out)
     m = run_preprocess(spark, cfg, out)
     assert (m["rows_in"], m["rows_out"], m["rows_quarantined"], m["partitions"]) == (48, 48, 0, 3)
@@ -63,7 +64,7 @@ def test_unsorted_keeps_arrival_order(spark, run_cfg, tmp_path):
     from jobs._spark import Output
     from jobs.preprocess import run_preprocess
     path = write_jsonl(tmp_path / "in.jsonl", mixed_corpus(20))
-    cfg = run_cfg(f"data.path={path}", "data.sort_by_length=false", "data.num_partitions=2",
+    cfg = run_cfg(f"data.path={path}", "data.cluster_by=none", "data.num_partitions=2",
                   "compare_single_process=true")
     m = run_preprocess(spark, cfg, Output(spark, cfg.out))
     assert m["padding_waste"] == m["padding_waste_unsorted"] > m["padding_waste_sorted"]
