@@ -11,7 +11,7 @@ from typing import Sequence as Seq
 import torch
 
 from . import sampling
-from .engine.kv_cache import KVCache
+from .engine.kv_cache import BLOCK, KVCache, PrefixCache, block_hashes
 from .layers import attention_groups
 from .loading import Checkpoint, ModelConfig
 from .metrics import GenerationMetrics, PeakMemory, Timer
@@ -65,35 +65,50 @@ class LocalRunner:
     def __init__(self, model, device: torch.device):
         self.model, self.device = model, device
         self.cache: KVCache | None = None
+        self.prefixes = PrefixCache()     # what the cache's pool holds (one per pool: generators may share a runner)
 
     @property
     def dtype(self) -> torch.dtype:
         return self.model.lm_head.weight.dtype
 
-    def allocate(self, n_slots: int, max_len: int, max_bytes: int | None = None) -> KVCache:
-        """A cache of at least n_slots x max_len, reused across calls; when it must grow it
-        grows in both dimensions (fewer re-allocations) as long as that stays in max_bytes."""
+    def allocate(self, n_slots: int, max_len: int, max_bytes: int | None = None, pool_tokens: int = 0) -> KVCache:
+        """A cache of at least n_slots x max_len and exactly pool_tokens of prefix pool,
+        reused across calls (the pool's segments stay valid while its size does); when the
+        slots must grow they grow in both dimensions (fewer re-allocations) as long as
+        that stays in max_bytes."""
         c = self.cache
-        if c is None or c.n_slots < n_slots or c.max_len < max_len:
-            if c is not None:
+        if c is None or c.n_slots < n_slots or c.max_len < max_len or c.pool_tokens != pool_tokens:
+            if c is not None and c.n_slots and c.max_len:
                 merged = max(n_slots, c.n_slots), max(max_len, c.max_len)
-                per_row_token = c.nbytes // (c.n_slots * c.max_len)
-                if max_bytes is None or merged[0] * merged[1] * per_row_token <= max_bytes:
+                per_row_token = 2 * c.k[:, :1, :, :1].numel() * c.k.element_size()
+                if max_bytes is None or (merged[0] * merged[1] + pool_tokens) * per_row_token <= max_bytes:
                     n_slots, max_len = merged
+            keep_pool = c is not None and c.pool_tokens == pool_tokens
+            pool = (c.pool_k, c.pool_v) if keep_pool else None
             self.cache = None  # free the old one before allocating the new one
             cfg = self.model.cfg
             attn = self.model.layers[0].attn
-            self.cache = KVCache(cfg.n_layers, n_slots, attn.n_kv_heads, max_len, cfg.head_dim, self.dtype, self.device)
+            self.cache = KVCache(cfg.n_layers, n_slots, attn.n_kv_heads, max_len, cfg.head_dim, self.dtype,
+                                 self.device, 0 if keep_pool else pool_tokens)
+            if keep_pool:
+                self.cache.pool_k, self.cache.pool_v = pool
+            elif self.prefixes.capacity != pool_tokens:
+                self.prefixes.reset(pool_tokens)
+            else:                              # same size, new storage: segments are computed again when read
+                for seg in self.prefixes.index.values():
+                    seg.ready = False
         return self.cache
 
-    def prefill(self, tokens: list[int], spans, slots) -> torch.Tensor:
+    def prefill(self, tokens: list[int], spans, locs) -> torch.Tensor:
         t = torch.tensor(tokens, dtype=torch.long, device=self.device)
-        return self.model.prefill(t, spans, slots, self.cache)
+        return self.model.prefill(t, spans, locs, self.cache)
 
-    def decode(self, tokens: list[int], pos: list[int], groups) -> torch.Tensor:
+    def decode(self, tokens: list[int], pos: list[int], groups, prefix=None, segments=()) -> torch.Tensor:
         t = torch.tensor(tokens, dtype=torch.long, device=self.device)
         p = torch.tensor(pos, dtype=torch.long, device=self.device)
-        return self.model.decode(t, p, self.cache, groups)
+        pre = None if prefix is None else torch.tensor(prefix, dtype=torch.long, device=self.device)
+        segs = [(off, P, torch.tensor(rows, dtype=torch.long, device=self.device)) for off, P, rows in segments]
+        return self.model.decode(t, p, self.cache, groups, pre, segs)
 
     def copy_slot(self, src: int, dst: int, length: int) -> None:
         self.cache.copy_slot(src, dst, length)
@@ -112,11 +127,14 @@ class Generator:
     max_batch_tokens: prompt tokens per prefill step (longer prompts are chunked).
     kv_cache_gb: memory budget of the KV cache; fewer slots are used when long prompts need it.
     static_batching: classic fixed batches instead of continuous batching (for comparisons).
+    prefix_cache: rows whose token ids begin with the same 16-token blocks share those
+        blocks' K/V (computed once, stored once), within a call and across calls; off for
+        comparisons.
     """
 
     def __init__(self, runner, tokenizer, config: ModelConfig, *, max_batch_size: int = 64,
                  max_batch_tokens: int = 2048, kv_cache_gb: float = 4.0, static_batching: bool = False,
-                 max_model_len: int | None = None):
+                 max_model_len: int | None = None, prefix_cache: bool = True):
         self.runner, self.tokenizer, self.config = runner, tokenizer, config
         self.max_batch_size, self.max_batch_tokens = max_batch_size, max_batch_tokens
         self.kv_cache_gb, self.static_batching = kv_cache_gb, static_batching
@@ -125,6 +143,7 @@ class Generator:
         if getattr(tokenizer, "eos_token_id", None) is not None:
             eos.add(tokenizer.eos_token_id)
         self.eos_ids = sorted(eos)
+        self.prefix_cache = prefix_cache
         self.load_s = 0.0
         self.warmup_s = 0.0
 
@@ -152,6 +171,10 @@ class Generator:
     @property
     def device(self) -> torch.device:
         return self.runner.device
+
+    @property
+    def prefixes(self) -> PrefixCache:
+        return self.runner.prefixes
 
     @property
     def dtype(self) -> torch.dtype:
@@ -209,11 +232,12 @@ class Generator:
     def _kv_budget_tokens(self) -> int:
         return self._kv_budget_bytes // self.config.kv_bytes_per_token(self.dtype)
 
-    def plan_cache(self, prompt_lengths: list[int], params: GenerationParams) -> tuple[int, int]:
-        """KV-cache shape (slots, tokens per slot) for these rows: slots as many as
-        max_batch_size, the rows and kv_cache_gb allow. Every row passed _check_row, so at
-        least one prompt's n candidates fit."""
-        budget = self._kv_budget_tokens()
+    def plan_cache(self, prompt_lengths: list[int], params: GenerationParams, pool_tokens: int = 0) -> tuple[int, int]:
+        """KV-cache shape (slots, tokens per slot) for rows whose slots hold these prompt
+        lengths (what their prefix segments do not), next to a pool of pool_tokens: slots
+        as many as max_batch_size, the rows and kv_cache_gb allow. Every row passed
+        _check_row, so at least one prompt's n candidates fit without a pool."""
+        budget = self._kv_budget_tokens() - pool_tokens
         need = max(prompt_lengths) + params.out_seq_length
         # Round the length up (fewer re-allocations across calls), within context and budget.
         max_len = min(-(-need // 64) * 64, self.max_model_len, max(need, budget // params.n))
@@ -274,10 +298,81 @@ class Generator:
         metrics.wall_s = time.perf_counter() - t_start
         return results
 
+    def _plan_prefixes(self, requests, params) -> dict:
+        """request index -> the prefix segment its rows read: the run of whole 16-token
+        blocks it shares with other prompts of the call that saves the most (for a prompt
+        with n > 1 candidates and no such run: its own blocks), or a longer segment kept
+        from an earlier call; at least one token is left its own. The
+        segments are allocated (or pinned, when kept) in the pool now, so every one the
+        call needs fits at once; {} when they do not fit in kv_cache_gb beside one row."""
+        if not self.prefix_cache or params.recompute:
+            return {}
+        hashes = {r.index: block_hashes(r.prompt_ids[:-1]) for r in requests}
+        count: dict[int, int] = {}
+        for r in requests:
+            for h in hashes[r.index]:
+                count[h] = count.get(h, 0) + 1
+        wanted = {}                                    # request -> (hash, prefix ids, kept segment or None)
+        for r in requests:
+            hs = hashes[r.index]
+            kept = self.prefixes.match(r.prompt_ids, hs)
+            # The blocks shared with other prompts that save the most (readers - 1) x length: a few-shot
+            # header read by 16 rows over the header plus a query that two rows repeat. Else, for
+            # n > 1, the prompt's own blocks (its candidates share them).
+            gain, shared = max(((count[hs[k - 1]] - 1) * k, k) for k in range(1, len(hs) + 1)) if hs else (0, 0)
+            if not gain:
+                shared = len(hs) if r.n > 1 else 0
+            if kept is not None and kept.length >= shared * BLOCK:
+                wanted[r.index] = (hs[kept.length // BLOCK - 1], r.prompt_ids[:kept.length], kept)
+            elif shared:
+                wanted[r.index] = (hs[shared - 1], r.prompt_ids[:shared * BLOCK], None)
+        if not wanted:
+            return {}
+        distinct = {h: ids for h, ids, _ in wanted.values()}
+        need = sum(len(ids) for ids in distinct.values())
+        longest_own = max(len(r.prompt_ids) - len(wanted[r.index][1]) if r.index in wanted else len(r.prompt_ids)
+                          for r in requests)
+        if need + (longest_own + params.out_seq_length) * params.n > self._kv_budget_tokens():
+            return {}
+        if need > self.prefixes.capacity:              # a larger pool: what it kept is dropped with it
+            self.prefixes.reset(-(-need // 256) * 256)
+        segs = {}
+        for attempt in range(2):
+            for h, ids in distinct.items():
+                seg = self.prefixes.match(ids, block_hashes(ids))
+                seg = seg if seg is not None and seg.length == len(ids) else self.prefixes.add(ids, h)
+                if seg is None:
+                    break
+                self.prefixes.attach(seg)              # pinned for the call (see _run's finally)
+                segs[h] = seg
+            else:
+                break
+            for seg in segs.values():                  # fragmented: start again from an empty pool
+                self.prefixes.detach(seg)
+            segs = {}
+            self.prefixes.reset(self.prefixes.capacity)
+        return {i: segs[h] for i, (h, _, _) in wanted.items()}
+
     def _run(self, requests, params, results, metrics, t_start) -> None:
-        n_slots, max_len = self.plan_cache([len(r.prompt_ids) for r in requests], params)
-        cache = self.runner.allocate(n_slots, max_len, self._kv_budget_bytes)
+        plan = self._plan_prefixes(requests, params)
+        try:
+            self._loop(requests, params, results, metrics, t_start, plan)
+        finally:
+            for seg in {id(s): s for s in plan.values()}.values():
+                self.prefixes.detach(seg)
+
+    def _loop(self, requests, params, results, metrics, t_start, plan) -> None:
+        own = [len(r.prompt_ids) - (plan[r.index].length if r.index in plan else 0) for r in requests]
+        # The pool stays (and keeps its segments for later calls) unless these rows need its room.
+        pool = self.prefixes.capacity
+        if not plan and pool and (max(own) + params.out_seq_length) * params.n > self._kv_budget_tokens() - pool:
+            self.prefixes.reset(0)
+            pool = 0
+        n_slots, max_len = self.plan_cache(own, params, pool)
+        evictions0 = self.prefixes.evictions
+        cache = self.runner.allocate(n_slots, max_len, self._kv_budget_bytes, pool)
         metrics.kv_cache_bytes, metrics.batch_slots = cache.nbytes, n_slots
+        token_bytes = self.config.kv_bytes_per_token(self.dtype)
         sched = Scheduler(n_slots, self.max_batch_tokens, static=self.static_batching)
         sched.add(requests)
         V = self.config.vocab_size
@@ -320,43 +415,58 @@ class Generator:
                 s.tokens.append(tok)
                 finish_check(s)
 
-        def run_prefill(seqs_and_starts: list[tuple[Sequence, list[int], int]]) -> torch.Tensor:
-            """Prefill (sequence, ids, start) pieces in calls of at most max_batch_tokens
-            tokens; returns the logits of each sequence's last piece."""
-            pieces = []
-            for seq, ids, start in seqs_and_starts:
+        def run_prefill(pieces: list[tuple[Sequence | None, list[int], int, tuple]]) -> torch.Tensor:
+            """Prefill (sequence, ids, start, (slot, segment offset, P)) pieces in calls of at
+            most max_batch_tokens tokens; returns the logits of each sequence's last piece
+            (a piece that computes a segment has no sequence and returns none)."""
+            chunks = []
+            for seq, ids, start, loc in pieces:
                 for a in range(0, len(ids), self.max_batch_tokens):
-                    pieces.append((seq, ids[a:a + self.max_batch_tokens], start + a, a + self.max_batch_tokens >= len(ids)))
+                    last = seq is not None and a + self.max_batch_tokens >= len(ids)
+                    chunks.append((ids[a:a + self.max_batch_tokens], start + a, loc, last))
             out, call, n_tok = [], [], 0
 
             def flush():
                 toks, spans, off = [], [], 0
-                for _, ids, start, _ in call:
+                for ids, start, _, _ in call:
                     spans.append((off, len(ids), start))
                     toks += ids
                     off += len(ids)
-                logits = self.runner.prefill(toks, spans, [s.slot for s, *_ in call])
-                out.extend(logits[j] for j, (_, _, _, last) in enumerate(call) if last)
+                logits = self.runner.prefill(toks, spans, [loc for _, _, loc, _ in call])
+                out.extend(logits[j] for j, (*_, last) in enumerate(call) if last)
                 metrics.prefill_steps += 1
+                metrics.prefill_tokens += len(toks)
 
-            for piece in pieces:
-                if call and n_tok + len(piece[1]) > self.max_batch_tokens:
+            for chunk in chunks:
+                if call and n_tok + len(chunk[0]) > self.max_batch_tokens:
                     flush()
                     call, n_tok = [], 0
-                call.append(piece)
-                n_tok += len(piece[1])
+                call.append(chunk)
+                n_tok += len(chunk[0])
             flush()
             return torch.stack(out)
+
+        def own_piece(s: Sequence, ids: list[int]) -> tuple:
+            seg = s.segment
+            return (s, ids[s.prefix:], s.prefix, (s.slot, 0 if seg is None else seg.offset, s.prefix))
 
         while sched.has_work():
             admitted = sched.admit()
             if admitted:
                 with Timer() as t:
-                    firsts = []
+                    firsts, pieces = [], []
                     for r in admitted:
-                        first = None
+                        first, seg = None, plan.get(r.index)
+                        if seg is not None and not seg.ready:     # computed once, before its first reader
+                            pieces.append((None, list(seg.tokens), 0, (-1, seg.offset, seg.length)))
+                            seg.ready = True
+                            metrics.prefix_hit_tokens -= seg.length
+                        if seg is not None:                        # once per prompt, as its prefill
+                            metrics.prefix_hit_tokens += seg.length
                         for j in range(r.n):
-                            s = Sequence(r.index, j, r.prompt_ids)
+                            s = Sequence(r.index, j, r.prompt_ids, segment=seg)
+                            if seg is not None:
+                                self.prefixes.attach(seg)
                             if not params.is_greedy:
                                 s.rng = torch.Generator(device=self.device)
                                 s.rng.manual_seed(sampling.row_seed(base_seed, r.prompt_ids, j))
@@ -366,12 +476,13 @@ class Generator:
                                 seen[s.slot] = False
                                 seen[s.slot, torch.tensor(r.prompt_ids, device=self.device)] = True
                         firsts.append(first)
-                    logits = run_prefill([(s, s.prompt_ids, 0) for s in firsts])
+                        pieces.append(own_piece(first, first.prompt_ids))
+                    logits = run_prefill(pieces)
                     rows, row_logits = [], []
                     for s, lg in zip(firsts, logits):
                         forks = [f for f in sched.running if f.request == s.request and f is not s]
                         for f in forks:
-                            self.runner.copy_slot(s.slot, f.slot, len(s.prompt_ids))
+                            self.runner.copy_slot(s.slot, f.slot, s.own_length)
                         rows += [s, *forks]
                         row_logits += [lg] * (1 + len(forks))
                     sample(rows, torch.stack(row_logits))
@@ -380,13 +491,22 @@ class Generator:
                 decoding = [s for s in sched.running if not s.finish_reason]
                 with Timer() as t:
                     if params.recompute:
-                        logits = run_prefill([(s, s.prompt_ids + s.tokens, 0) for s in decoding])
+                        logits = run_prefill([own_piece(s, s.prompt_ids + s.tokens) for s in decoding])
                     else:
                         pos = [s.length - 1 for s in decoding]
-                        groups = attention_groups([p + 1 for p in pos])   # what the step's attention reads
-                        logits = self.runner.decode([s.tokens[-1] for s in decoding], pos, groups)
-                        metrics.real_tokens += sum(p + 1 for p in pos)
-                        metrics.padded_tokens += sum(L - p - 1 for a, e, L in groups for p in pos[a:e])
+                        lengths = [s.own_length for s in decoding]
+                        groups = attention_groups(lengths)                # what the step's own-key attention reads
+                        by_seg: dict[int, tuple] = {}
+                        for b, s in enumerate(decoding):
+                            if s.segment is not None:
+                                by_seg.setdefault(s.segment.offset, (s.segment.offset, s.segment.length, []))[2].append(b)
+                        prefix = [s.prefix for s in decoding] if by_seg else None
+                        logits = self.runner.decode([s.tokens[-1] for s in decoding], pos, groups, prefix,
+                                                    list(by_seg.values()))
+                        metrics.real_tokens += sum(lengths)
+                        metrics.padded_tokens += sum(L - n for a, e, L in groups for n in lengths[a:e])
+                        stored = sum(lengths) + sum(P for _, P, _ in by_seg.values())
+                        metrics.kv_bytes_per_row = max(metrics.kv_bytes_per_row, stored * token_bytes // len(decoding))
                     sample(decoding, logits)
                 metrics.decode_s += t.s
                 metrics.decode_steps += 1
@@ -396,6 +516,8 @@ class Generator:
                 if seen is not None:
                     seen[dst] = seen[src]
             for s in done:
+                if s.segment is not None:
+                    self.prefixes.detach(s.segment)
                 metrics.generated_tokens += len(s.tokens)
                 out = results[s.request]
                 text = s.text if s.finish_reason == "stop" else self.decode_text(s.tokens)
@@ -404,3 +526,4 @@ class Generator:
                 if len(cands) == params.n:  # candidates finish in any order; keep candidate order
                     out.outputs = [cands[j] for j in range(params.n)]
                     metrics.latencies_s.append(time.perf_counter() - t_start)
+        metrics.prefix_evictions += self.prefixes.evictions - evictions0

@@ -26,6 +26,13 @@ class GenerationMetrics:
     peak_memory_bytes: int = 0
     kv_cache_bytes: int = 0
     batch_slots: int = 0
+    # Shared prefixes (engine/kv_cache.py): prompt tokens whose K/V were read from a segment
+    # instead of computed, prompt tokens computed, K/V bytes stored per running row at the
+    # fullest decode step (segments counted once), segments evicted for room.
+    prefix_hit_tokens: int = 0
+    prefill_tokens: int = 0
+    kv_bytes_per_row: int = 0
+    prefix_evictions: int = 0
     latencies_s: list[float] = field(default_factory=list)    # per prompt, from call start
     ttft_s: list[float] = field(default_factory=list)         # per prompt, first token
 
@@ -58,7 +65,7 @@ class GenerationMetrics:
         out = GenerationMetrics()
         for k, v in asdict(self).items():
             w = getattr(other, k)
-            if k in ("peak_memory_bytes", "kv_cache_bytes", "batch_slots"):
+            if k in ("peak_memory_bytes", "kv_cache_bytes", "batch_slots", "kv_bytes_per_row"):
                 setattr(out, k, max(v, w))
             else:
                 setattr(out, k, v + w)

@@ -245,6 +245,10 @@ class TensorParallelRunner:
     def cache(self):
         return self.local.cache
 
+    @property
+    def prefixes(self):
+        return self.local.prefixes
+
     def weight_bytes(self) -> int:
         return self.local.weight_bytes()
 
@@ -288,17 +292,17 @@ class TensorParallelRunner:
         self._kill()
         raise TensorParallelError(f"tensor-parallel generation failed: {self.broken}") from cause
 
-    def allocate(self, n_slots: int, max_len: int, max_bytes: int | None = None):
-        self._call("allocate", n_slots, max_len, max_bytes)
+    def allocate(self, n_slots: int, max_len: int, max_bytes: int | None = None, pool_tokens: int = 0):
+        self._call("allocate", n_slots, max_len, max_bytes, pool_tokens)
         return self.local.cache
 
-    def prefill(self, tokens, spans, slots):
-        logits = self._call("prefill", tokens, spans, slots)
+    def prefill(self, tokens, spans, locs):
+        logits = self._call("prefill", tokens, spans, locs)
         self._forget_read_commands()
         return logits
 
-    def decode(self, tokens, pos, groups):
-        logits = self._call("decode", tokens, pos, groups)
+    def decode(self, tokens, pos, groups, prefix=None, segments=()):
+        logits = self._call("decode", tokens, pos, groups, prefix, segments)
         self._forget_read_commands()
         return logits
 

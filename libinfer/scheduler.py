@@ -24,10 +24,19 @@ class Sequence:
     text: str = ""
     finish_reason: str | None = None
     rng: object = None
+    segment: object = None            # the shared prefix segment it reads (kv_cache.Segment), if any
 
     @property
     def length(self) -> int:          # tokens whose K/V are (or will be) in the cache
         return len(self.prompt_ids) + len(self.tokens)
+
+    @property
+    def prefix(self) -> int:          # positions held by its segment, not by its slot
+        return 0 if self.segment is None else self.segment.length
+
+    @property
+    def own_length(self) -> int:      # positions held by its slot
+        return self.length - self.prefix
 
 
 @dataclass
@@ -90,7 +99,7 @@ class Scheduler:
         holes = sorted(s.slot for s in done if s.slot < len(keep))
         movers = [s for s in keep if s.slot >= len(keep)]
         for seq, dst in zip(movers, holes):
-            moves.append((seq.slot, dst, seq.length))
+            moves.append((seq.slot, dst, seq.own_length))
             seq.slot = dst
         self.running = sorted(keep, key=lambda s: s.slot)
         return done, moves

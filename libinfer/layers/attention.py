@@ -22,16 +22,23 @@ from .rotary import Rotary
 class Step:
     """What every layer of one forward pass shares, computed once per pass.
 
-    Prefill: `spans` (offset, length, start) per sequence and their cache `slots`.
-    Decode: row b in slot b at position pos[b]; `groups` (first row, end row, keys read)
-    blocks (see attention_groups); `masks[window]` the additive [B, 1, 1, L] masks."""
+    Storage of a sequence (see engine/kv_cache.py): positions < P live in the prefix pool
+    at seg + pos, positions >= P in its slot at pos - P.
+    Prefill: `spans` (offset, length, start) per piece and `locs` (slot, seg, P); a piece
+    that computes a segment itself has slot -1 and start + length <= P.
+    Decode: row b in slot b at position pos[b], its own keys `pos - P + 1`; `groups`
+    (first row, end row, own keys read) blocks of rows; `masks[window]` the additive
+    [B, 1, 1, L] masks of the rows' own keys; `segments` (seg, P, rows, row positions)
+    per prefix segment that rows of this step read."""
     cos_sin: dict                           # rope key -> (cos, sin) of this pass's positions
     all_reduce: object = None
     spans: list | None = None
-    slots: list | None = None
+    locs: list | None = None
     pos: torch.Tensor | None = None
+    own_pos: torch.Tensor | None = None     # pos - P: where each row's new token goes in its slot
     groups: list | None = None
     masks: dict = field(default_factory=dict)
+    segments: list = field(default_factory=list)
 
 
 def decode_mask(pos: torch.Tensor, length: int, window: int | None, dtype) -> torch.Tensor:
@@ -43,6 +50,24 @@ def decode_mask(pos: torch.Tensor, length: int, window: int | None, dtype) -> to
     mask = torch.zeros(valid.shape, dtype=dtype, device=pos.device)
     mask.masked_fill_(~valid, float("-inf"))
     return mask[:, None, None, :]
+
+
+def _attend(q, k, v, mask, scale):
+    """softmax(q k^T * scale + mask) v and its log-sum-exp, scores in fp32: the parts of
+    one softmax over several key sets are merged by `_merge`."""
+    s = torch.matmul(q, k.transpose(-1, -2)).float() * scale
+    if mask is not None:
+        s = s + mask
+    m = s.amax(-1, keepdim=True).clamp_min(-1e30)          # a fully masked row stays finite
+    p = torch.exp(s - m)
+    total = p.sum(-1, keepdim=True)
+    o = torch.matmul(p.to(v.dtype), v).float() / total.clamp_min(1e-30)
+    return o, m + torch.log(total)
+
+
+def _merge(o1, lse1, o2, lse2):
+    lse = torch.logaddexp(lse1, lse2)
+    return o1 * torch.exp(lse1 - lse) + o2 * torch.exp(lse2 - lse)
 
 
 def attention_groups(lengths: list[int], rows: int = 16) -> list[tuple[int, int, int]]:
@@ -92,47 +117,65 @@ class Attention(nn.Module):
         qk = Rotary.apply(qk, step.cos_sin[self.rope])
         return qk[:, :self.n_heads], qk[:, self.n_heads:], qkv[:, n_qk:].view(n, self.n_kv_heads, d)
 
-    def forward(self, x, step: Step, cache_k, cache_v, residual=None):
-        """x: normed input; writes this pass's K/V to the cache; returns [residual +] the
-        projected attention output."""
-        out = self._prefill(x, step, cache_k, cache_v) if step.pos is None else self._decode(x, step, cache_k, cache_v)
+    def forward(self, x, step: Step, kv, residual=None):
+        """x: normed input; kv: this layer's (slot k, slot v, pool k, pool v); writes this
+        pass's K/V to the cache; returns [residual +] the projected attention output."""
+        out = self._prefill(x, step, *kv) if step.pos is None else self._decode(x, step, *kv)
         return project_out(self.o, out, residual, step.all_reduce)
 
-    def _prefill(self, x, step, cache_k, cache_v):
+    def _prefill(self, x, step, cache_k, cache_v, pool_k, pool_v):
         """x: [T, H] packed; returns [T, Hq * D]."""
         q, k, v = self._qkv(x, step)
-        out = q.new_empty(q.shape)                                    # [T, Hq, D], filled per sequence
-        for (off, n, start), slot in zip(step.spans, step.slots):
+        out = q.new_empty(q.shape)                                    # [T, Hq, D], filled per piece
+        for (off, n, start), (slot, seg, P) in zip(step.spans, step.locs):
             end = start + n
-            cache_k[slot, :, start:end] = k[off:off + n].transpose(0, 1)
-            cache_v[slot, :, start:end] = v[off:off + n].transpose(0, 1)
+            ks, vs = k[off:off + n].transpose(0, 1), v[off:off + n].transpose(0, 1)   # [Hkv, n, D]
+            if start < P:                  # a segment being computed: its K/V go to the pool
+                pool_k[:, seg + start:seg + end] = ks
+                pool_v[:, seg + start:seg + end] = vs
+            else:
+                cache_k[slot, :, start - P:end - P] = ks
+                cache_v[slot, :, start - P:end - P] = vs
             # keys before first are outside every query's window
             first = 0 if self.window is None else max(0, start - self.window + 1)
+            ks, vs = self._keys(first, end, slot, seg, P, cache_k, pool_k), self._keys(first, end, slot, seg, P,
+                                                                                        cache_v, pool_v)
             qs = q[off:off + n].transpose(0, 1)[None]                 # [1, Hq, n, D]
-            ks, vs = cache_k[slot, :, first:end][None], cache_v[slot, :, first:end][None]
             if start == 0 and (self.window is None or n <= self.window):
-                o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True, scale=self.scale)
-            else:  # a later chunk of a long prompt, or a window: query i sees keys (start+i-window, start+i]
+                o = F.scaled_dot_product_attention(qs, ks[None], vs[None], is_causal=True, enable_gqa=True,
+                                                   scale=self.scale)
+            else:  # a later chunk, a suffix after a segment, or a window: query i sees keys (start+i-window, start+i]
                 qpos = torch.arange(start, end, device=x.device)[:, None]
                 kpos = torch.arange(first, end, device=x.device)[None, :]
                 mask = kpos <= qpos
                 if self.window is not None:
                     mask &= kpos > qpos - self.window
-                o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=True, scale=self.scale)
+                o = F.scaled_dot_product_attention(qs, ks[None], vs[None], attn_mask=mask, enable_gqa=True,
+                                                   scale=self.scale)
             out[off:off + n] = o[0].transpose(0, 1)
         return out.view(out.shape[0], -1)
 
-    def _decode(self, x, step, cache_k, cache_v):
+    @staticmethod
+    def _keys(first, end, slot, seg, P, cache, pool):
+        """Keys (or values) of positions [first, end) of one sequence, [Hkv, end - first, D]."""
+        if end <= P:
+            return pool[:, seg + first:seg + end]
+        own = cache[slot, :, max(first, P) - P:end - P]
+        return own if first >= P else torch.cat([pool[:, seg + first:seg + P], own], dim=1)
+
+    def _decode(self, x, step, cache_k, cache_v, pool_k, pool_v):
         """x: [B, H], one token per row; returns [B, Hq * D]."""
         b, d = x.shape[0], self.head_dim
         q, k, v = self._qkv(x, step)
         rows = torch.arange(b, device=x.device)
-        cache_k[rows, :, step.pos] = k
-        cache_v[rows, :, step.pos] = v
+        cache_k[rows, :, step.own_pos] = k
+        cache_v[rows, :, step.own_pos] = v
         g = self.n_heads // self.n_kv_heads
         # The G query heads of a KV group become G query rows of that group: no repeat of k/v.
         qg = q.view(b, self.n_kv_heads, g, d)
         mask = step.masks[self.window]
+        if step.segments:
+            return self._decode_with_segments(qg, step, cache_k, cache_v, pool_k, pool_v, mask)
         if len(step.groups) == 1:
             L = step.groups[0][2]
             o = F.scaled_dot_product_attention(qg, cache_k[:b, :, :L], cache_v[:b, :, :L], attn_mask=mask,
@@ -143,3 +186,28 @@ class Attention(nn.Module):
                 o[a:e] = F.scaled_dot_product_attention(qg[a:e], cache_k[a:e, :, :L], cache_v[a:e, :, :L],
                                                         attn_mask=mask[a:e, :, :, :L], scale=self.scale)
         return o.reshape(b, self.n_heads * d)
+
+    def _decode_with_segments(self, qg, step, cache_k, cache_v, pool_k, pool_v, mask):
+        """Attention over each row's own keys (per block of slots) and over its prefix
+        segment, merged by log-sum-exp: the rows of one segment read its keys together,
+        one [Hkv, rows x G, P] product, and the segment is never copied per row."""
+        b, hkv, g, d = qg.shape
+        scale = self.scale if self.scale is not None else d ** -0.5
+        o = torch.empty(qg.shape, dtype=torch.float32, device=qg.device)
+        lse = torch.empty((b, hkv, g, 1), dtype=torch.float32, device=qg.device)
+        for a, e, L in step.groups:
+            o[a:e], lse[a:e] = _attend(qg[a:e], cache_k[a:e, :, :L], cache_v[a:e, :, :L], mask[a:e, :, :, :L], scale)
+        for seg, P, rows, pos in step.segments:
+            r = rows.shape[0]
+            qs = qg[rows].permute(1, 0, 2, 3).reshape(hkv, r * g, d)                # [Hkv, r*G, D]
+            pmask = None
+            if self.window is not None:      # prefix key j is in row b's window when j > pos[b] - window
+                j = torch.arange(P, device=qg.device)[None, :]
+                pmask = torch.zeros((r, P), device=qg.device).masked_fill_(j <= pos[:, None] - self.window,
+                                                                           float("-inf"))
+                pmask = pmask.repeat_interleave(g, dim=0)[None]                    # [1, r*G, P]
+            po, plse = _attend(qs, pool_k[:, seg:seg + P], pool_v[:, seg:seg + P], pmask, scale)
+            po = po.view(hkv, r, g, d).permute(1, 0, 2, 3)
+            plse = plse.view(hkv, r, g, 1).permute(1, 0, 2, 3)
+            o[rows] = _merge(o[rows], lse[rows], po, plse)
+        return o.to(qg.dtype).reshape(b, self.n_heads * d)

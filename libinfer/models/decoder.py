@@ -82,19 +82,20 @@ class Decoder(nn.Module):
 
     def _layers(self, h: torch.Tensor, step: Step, cache: KVCache) -> torch.Tensor:
         for i, layer in enumerate(self.layers):
-            h = layer(h, step, cache.k[i], cache.v[i])
+            h = layer(h, step, (cache.k[i], cache.v[i], cache.pool_k[i], cache.pool_v[i]))
         return h
 
-    def _layers_prefill(self, tokens, spans, slots, cache: KVCache) -> torch.Tensor:
+    def _layers_prefill(self, tokens, spans, locs, cache: KVCache) -> torch.Tensor:
         pos = torch.cat([torch.arange(start, start + n, device=tokens.device) for _, n, start in spans])
-        step = Step(self._tables(pos), self.all_reduce, spans=spans, slots=slots)
+        step = Step(self._tables(pos), self.all_reduce, spans=spans, locs=locs)
         return self._layers(self.embed_tokens(tokens), step, cache)
 
     @torch.inference_mode()
-    def prefill(self, tokens: torch.Tensor, spans, slots, cache: KVCache) -> torch.Tensor:
-        """tokens: [T] packed prompt chunks; spans: (offset, length, start) per chunk;
-        returns fp32 logits of each chunk's last token [S, V] (the LM head runs on those rows only)."""
-        h = self._layers_prefill(tokens, spans, slots, cache)
+    def prefill(self, tokens: torch.Tensor, spans, locs, cache: KVCache) -> torch.Tensor:
+        """tokens: [T] packed prompt pieces; spans: (offset, length, start) per piece; locs:
+        (slot, segment offset, P) per piece (see layers.Step); returns fp32 logits of each
+        piece's last token [S, V] (the LM head runs on those rows only)."""
+        h = self._layers_prefill(tokens, spans, locs, cache)
         last = torch.tensor([off + n - 1 for off, n, _ in spans], device=tokens.device)
         return self.logits(h[last])
 
@@ -105,15 +106,21 @@ class Decoder(nn.Module):
         n = tokens.shape[0]
         p = self.lm_head.weight
         cache = KVCache(self.cfg.n_layers, 1, self.cfg.n_kv_heads, n, self.cfg.head_dim, p.dtype, p.device)
-        return self.logits(self._layers_prefill(tokens, [(0, n, 0)], [0], cache))
+        return self.logits(self._layers_prefill(tokens, [(0, n, 0)], [(0, 0, 0)], cache))
 
     @torch.inference_mode()
-    def decode(self, tokens: torch.Tensor, pos: torch.Tensor, cache: KVCache, groups) -> torch.Tensor:
-        """tokens, pos: [B] (row b in slot b); groups: attention_groups of the rows' lengths
-        (the caller has them as host lists; no device read here). Returns fp32 logits [B, V]."""
+    def decode(self, tokens: torch.Tensor, pos: torch.Tensor, cache: KVCache, groups, prefix=None,
+               segments=()) -> torch.Tensor:
+        """tokens, pos: [B] (row b in slot b); groups: attention_groups of the rows' own key
+        counts (the caller has them as host lists; no device read here); prefix: [B] each
+        row's segment length P (None: no row has one); segments: (offset, P, rows) per
+        segment read. Returns fp32 logits [B, V]."""
         L = max(e for _, _, e in groups)
-        masks = {w: decode_mask(pos, L, w, cache.k.dtype) for w in self.windows}
-        step = Step(self._tables(pos), self.all_reduce, pos=pos, groups=groups, masks=masks)
+        own = pos if prefix is None else pos - prefix
+        masks = {w: decode_mask(own, L, w, cache.k.dtype) for w in self.windows}
+        segs = [(off, P, rows, pos[rows]) for off, P, rows in segments]
+        step = Step(self._tables(pos), self.all_reduce, pos=pos, own_pos=own, groups=groups, masks=masks,
+                    segments=segs)
         return self.logits(self._layers(self.embed_tokens(tokens), step, cache))
 
     # -------------------------------------------------------------------- weights

@@ -30,8 +30,8 @@ class Gemma3Block(nn.Module):
         self.attn.prepare()
         self.mlp.prepare()
 
-    def forward(self, h, step, cache_k, cache_v):
-        h = h + self.post_attn_norm(self.attn(self.attn_norm(h), step, cache_k, cache_v))
+    def forward(self, h, step, kv):
+        h = h + self.post_attn_norm(self.attn(self.attn_norm(h), step, kv))
         return h + self.post_mlp_norm(self.mlp(self.mlp_norm(h), None, step.all_reduce))
 
 

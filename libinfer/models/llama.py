@@ -29,8 +29,8 @@ class LlamaBlock(nn.Module):
         self.attn.prepare()
         self.mlp.prepare()
 
-    def forward(self, h, step, cache_k, cache_v):
-        h = self.attn(self.attn_norm(h), step, cache_k, cache_v, residual=h)
+    def forward(self, h, step, kv):
+        h = self.attn(self.attn_norm(h), step, kv, residual=h)
         return self.mlp(self.mlp_norm(h), h, step.all_reduce)
 
 
