@@ -18,23 +18,17 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "models"), str(ROOT / "benchmarks")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "tests" / "models"), str(ROOT / "benchmarks")]
 
 from _results import machine, write_section  # noqa: E402
 from families import config_of, save_model  # noqa: E402
+from test_equivalence import PROMPTS as EQ_PROMPTS  # noqa: E402
 
 from libinfer import Generator, GenerationParams  # noqa: E402
 
-PROMPTS = [
-    "The capital of France is",
-    "Hi",
-    "Q: suggest three search queries for 'cheap flights to Tokyo'\nA:",
-    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
-    "Translate to French: The weather is nice today, and we are going to the beach.",
-    " ".join(f"item{i}" for i in range(120)),
-    "Once upon a time, in a small village by the sea, " * 30,
-    "List of fruits:\n1. apple\n2. banana\n3.",
-]
+# The equivalence test's mixed-length prompts, less SmolLM2's chat-template turn (its
+# special tokens mean nothing to the other families' tokenizers).
+PROMPTS = [p for p in EQ_PROMPTS if "<|im_start|>" not in p]
 NEW = 32
 
 

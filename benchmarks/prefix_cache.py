@@ -153,7 +153,7 @@ def main() -> None:
     g = gens["float32"]
     sixteen = [p for p in prompts if len(p) == max(lengths)] or prompts
     family = [sixteen[0][:-4] + p[-4:] for p in prompts]            # 64 rows of the 16-shot header
-    budget = 40 * (len(family[0]) + new) * g.config.kv_bytes_per_token(g.dtype) / 2**30   # holds 40 rows unshared
+    budget = 8 * (len(family[0]) + new) * g.config.kv_bytes_per_token(g.dtype) / 2**30   # holds 8 rows unshared
     oom = []
     for on in (False, True):
         g.runner.prefixes.reset(0)
@@ -177,7 +177,7 @@ def main() -> None:
         f"{min(lengths)}-{max(lengths)} tokens, {sum(lengths)} in all; arrival order shuffled), greedy, {new} new "
         f"tokens, EOS ignored; bundled SmolLM2-135M GGUF; median of {args.repeats} runs interleaved in one process; "
         "every run of ours starts with an empty prefix pool.", "", *rows, "",
-        f"Out-of-memory table at kv_cache_gb={budget:.3f} (holds 40 unshared rows of the {len(family[0])}-token "
+        f"Out-of-memory table at kv_cache_gb={budget:.3f} (holds 8 unshared rows of the {len(family[0])}-token "
         f"16-shot prompt + {new} new tokens): rows decoded together without reuse **{oom[0]}**, with reuse "
         f"**{oom[1]}** ({oom[1] / max(1, oom[0]):.1f}x; capped by the 64 rows offered). The run with reuse at that "
         f"budget: {check.metrics.batch_slots} slots, KV cache {check.metrics.kv_cache_bytes / 2**20:.1f} MiB of "

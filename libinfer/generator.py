@@ -12,12 +12,13 @@ import torch
 
 from . import sampling
 from .engine.kv_cache import BLOCK, KVCache, PrefixCache, block_hashes
+from .engine.scheduler import Scheduler
+from .engine.sequence import RepetitionMask, Request, Sequence, StopRules
 from .layers import attention_groups
 from .loading import Checkpoint, ModelConfig
 from .metrics import GenerationMetrics, PeakMemory, Timer
 from .models import build
 from .params import GenerationParams
-from .scheduler import Request, Scheduler, Sequence
 
 log = logging.getLogger("libinfer")
 
@@ -356,174 +357,171 @@ class Generator:
     def _run(self, requests, params, results, metrics, t_start) -> None:
         plan = self._plan_prefixes(requests, params)
         try:
-            self._loop(requests, params, results, metrics, t_start, plan)
+            _Call(self, requests, params, results, metrics, t_start, plan).run()
         finally:
             for seg in {id(s): s for s in plan.values()}.values():
                 self.prefixes.detach(seg)
 
-    def _loop(self, requests, params, results, metrics, t_start, plan) -> None:
+
+class _Call:
+    """One generate call's state, and its step loop: schedule -> run -> sample -> retire."""
+
+    def __init__(self, gen: Generator, requests, params: GenerationParams, results, metrics, t_start, plan):
+        self.gen, self.params, self.results, self.metrics, self.t_start = gen, params, results, metrics, t_start
+        self.plan, self.runner, self.device = plan, gen.runner, gen.device
         own = [len(r.prompt_ids) - (plan[r.index].length if r.index in plan else 0) for r in requests]
         # The pool stays (and keeps its segments for later calls) unless these rows need its room.
-        pool = self.prefixes.capacity
-        if not plan and pool and (max(own) + params.out_seq_length) * params.n > self._kv_budget_tokens() - pool:
-            self.prefixes.reset(0)
+        pool = gen.prefixes.capacity
+        if not plan and pool and (max(own) + params.out_seq_length) * params.n > gen._kv_budget_tokens() - pool:
+            gen.prefixes.reset(0)
             pool = 0
-        n_slots, max_len = self.plan_cache(own, params, pool)
-        evictions0 = self.prefixes.evictions
-        cache = self.runner.allocate(n_slots, max_len, self._kv_budget_bytes, pool)
+        n_slots, max_len = gen.plan_cache(own, params, pool)
+        self.evictions0 = gen.prefixes.evictions
+        cache = self.runner.allocate(n_slots, max_len, gen._kv_budget_bytes, pool)
         metrics.kv_cache_bytes, metrics.batch_slots = cache.nbytes, n_slots
-        token_bytes = self.config.kv_bytes_per_token(self.dtype)
-        sched = Scheduler(n_slots, self.max_batch_tokens, static=self.static_batching)
-        sched.add(requests)
-        V = self.config.vocab_size
-        seen = (torch.zeros(n_slots, V, dtype=torch.bool, device=self.device)
-                if params.repetition_penalty != 1.0 else None)
-        base_seed = params.seed if params.seed is not None else random.getrandbits(63)
-        finished: dict[int, dict[int, CompletionOutput]] = {r.index: {} for r in requests}
-        max_stop = max((len(s) for s in params.stop_sequences), default=0)
+        self.token_bytes = gen.config.kv_bytes_per_token(gen.dtype)
+        self.sched = Scheduler(n_slots, gen.max_batch_tokens, static=gen.static_batching)
+        self.sched.add(requests)
+        self.seen = (RepetitionMask(n_slots, gen.config.vocab_size, self.device)
+                     if params.repetition_penalty != 1.0 else None)
+        self.base_seed = params.seed if params.seed is not None else random.getrandbits(63)
+        self.rules = StopRules(params, gen.eos_ids, gen.decode_text)
+        self.finished: dict[int, dict[int, CompletionOutput]] = {r.index: {} for r in requests}
 
-        def finish_check(seq: Sequence) -> None:
-            tok, n_gen = seq.tokens[-1], len(seq.tokens)
-            if tok in self.eos_ids and not params.ignore_eos and n_gen > params.min_tokens:
-                seq.finish_reason = "eos"
-                return
-            if params.stop_sequences and n_gen >= params.min_tokens:
-                prev = len(seq.text)
-                seq.text = self.decode_text(seq.tokens)
-                scan = max(0, prev - max_stop)
-                hits = [i for i in (seq.text.find(s, scan) for s in params.stop_sequences) if i >= 0]
-                if hits:
-                    seq.text = seq.text[:min(hits)]
-                    seq.finish_reason = "stop"
-                    return
-            if n_gen >= params.out_seq_length:
-                seq.finish_reason = "length"
+    def run(self) -> None:
+        m = self.metrics
+        while self.sched.has_work():
+            admitted = self.sched.admit()
+            with Timer() as t:
+                if admitted:
+                    rows, logits = self.prefill(admitted)
+                else:
+                    rows = [s for s in self.sched.running if not s.finish_reason]
+                    logits = self.decode(rows)
+                self.sample(rows, logits)
+            if admitted:
+                m.prefill_s += t.s
+            else:
+                m.decode_s += t.s
+                m.decode_steps += 1
+            self.retire()
+        m.prefix_evictions += self.gen.prefixes.evictions - self.evictions0
 
-        def sample(rows: list[Sequence], logits: torch.Tensor) -> None:
-            block = None
-            if params.min_tokens and not params.ignore_eos:
-                block = torch.tensor([len(s.tokens) < params.min_tokens for s in rows], device=self.device)
-            slots = torch.tensor([s.slot for s in rows], device=self.device)
-            logits = sampling.process(logits, params, None if seen is None else seen[slots], block, self.eos_ids)
-            new = sampling.draw(logits, params, [s.rng for s in rows]).tolist()
-            if seen is not None:
-                seen[slots, torch.tensor(new, device=self.device)] = True
-            now = time.perf_counter() - t_start
-            for s, tok in zip(rows, new):
-                if not s.tokens and s.candidate == 0:
-                    metrics.ttft_s.append(now)
-                s.tokens.append(tok)
-                finish_check(s)
+    # ------------------------------------------------------------------ run
 
-        def run_prefill(pieces: list[tuple[Sequence | None, list[int], int, tuple]]) -> torch.Tensor:
-            """Prefill (sequence, ids, start, (slot, segment offset, P)) pieces in calls of at
-            most max_batch_tokens tokens; returns the logits of each sequence's last piece
-            (a piece that computes a segment has no sequence and returns none)."""
-            chunks = []
-            for seq, ids, start, loc in pieces:
-                for a in range(0, len(ids), self.max_batch_tokens):
-                    last = seq is not None and a + self.max_batch_tokens >= len(ids)
-                    chunks.append((ids[a:a + self.max_batch_tokens], start + a, loc, last))
-            out, call, n_tok = [], [], 0
+    def prefill(self, admitted: list[Request]) -> tuple[list[Sequence], torch.Tensor]:
+        """Place the admitted prompts' candidates in slots and prefill what is not in a
+        segment yet (a new segment first, once, before its readers). The first candidate
+        is prefilled; the others copy its own positions. Returns every row and its logits."""
+        firsts, pieces = [], []
+        for r in admitted:
+            seg = self.plan.get(r.index)
+            if seg is not None:
+                if not seg.ready:
+                    pieces.append((None, list(seg.tokens), 0, (-1, seg.offset, seg.length)))
+                    seg.ready = True
+                    self.metrics.prefix_hit_tokens -= seg.length
+                self.metrics.prefix_hit_tokens += seg.length       # once per prompt, as its prefill
+            for j in range(r.n):
+                s = Sequence.start(r, j, self.params, self.base_seed, self.device, seg)
+                if seg is not None:
+                    self.gen.prefixes.attach(seg)
+                self.sched.place(s)
+                if self.seen is not None:
+                    self.seen.reset(s.slot, r.prompt_ids)
+                if j == 0:
+                    firsts.append(s)
+                    pieces.append(self.own_piece(s, r.prompt_ids))
+        logits = self.run_prefill(pieces)
+        rows, row_logits = [], []
+        for s, lg in zip(firsts, logits):
+            forks = [f for f in self.sched.running if f.request == s.request and f is not s]
+            for f in forks:
+                self.runner.copy_slot(s.slot, f.slot, s.own_length)
+            rows += [s, *forks]
+            row_logits += [lg] * (1 + len(forks))
+        return rows, torch.stack(row_logits)
 
-            def flush():
-                toks, spans, off = [], [], 0
+    def decode(self, rows: list[Sequence]) -> torch.Tensor:
+        """One token for every running row (or, with recompute, the whole sequence again)."""
+        m = self.metrics
+        if self.params.recompute:
+            return self.run_prefill([self.own_piece(s, s.prompt_ids + s.tokens) for s in rows])
+        pos = [s.length - 1 for s in rows]
+        lengths = [s.own_length for s in rows]
+        groups = attention_groups(lengths)                  # what the step's own-key attention reads
+        by_seg: dict[int, tuple] = {}
+        for b, s in enumerate(rows):
+            if s.segment is not None:
+                by_seg.setdefault(s.segment.offset, (s.segment.offset, s.segment.length, []))[2].append(b)
+        prefix = [s.prefix for s in rows] if by_seg else None
+        logits = self.runner.decode([s.tokens[-1] for s in rows], pos, groups, prefix, list(by_seg.values()))
+        m.real_tokens += sum(lengths)
+        m.padded_tokens += sum(L - n for a, e, L in groups for n in lengths[a:e])
+        stored = sum(lengths) + sum(P for _, P, _ in by_seg.values())      # a segment counts once
+        m.kv_bytes_per_row = max(m.kv_bytes_per_row, stored * self.token_bytes // len(rows))
+        return logits
+
+    @staticmethod
+    def own_piece(s: Sequence, ids: list[int]) -> tuple:
+        seg = s.segment
+        return (s, ids[s.prefix:], s.prefix, (s.slot, 0 if seg is None else seg.offset, s.prefix))
+
+    def run_prefill(self, pieces: list[tuple]) -> torch.Tensor:
+        """Prefill (sequence, ids, start, (slot, segment offset, P)) pieces in calls of at
+        most max_batch_tokens tokens; returns the logits of each sequence's last piece
+        (a piece that computes a segment has no sequence and returns none)."""
+        step = self.gen.max_batch_tokens
+        chunks = [(ids[a:a + step], start + a, loc, seq is not None and a + step >= len(ids))
+                  for seq, ids, start, loc in pieces for a in range(0, len(ids), step)]
+        out, call = [], []
+        for i, chunk in enumerate(chunks):
+            call.append(chunk)
+            if i + 1 == len(chunks) or sum(len(c[0]) for c in call) + len(chunks[i + 1][0]) > step:
+                toks, spans = [], []
                 for ids, start, _, _ in call:
-                    spans.append((off, len(ids), start))
+                    spans.append((len(toks), len(ids), start))
                     toks += ids
-                    off += len(ids)
                 logits = self.runner.prefill(toks, spans, [loc for _, _, loc, _ in call])
                 out.extend(logits[j] for j, (*_, last) in enumerate(call) if last)
-                metrics.prefill_steps += 1
-                metrics.prefill_tokens += len(toks)
+                self.metrics.prefill_steps += 1
+                self.metrics.prefill_tokens += len(toks)
+                call = []
+        return torch.stack(out)
 
-            for chunk in chunks:
-                if call and n_tok + len(chunk[0]) > self.max_batch_tokens:
-                    flush()
-                    call, n_tok = [], 0
-                call.append(chunk)
-                n_tok += len(chunk[0])
-            flush()
-            return torch.stack(out)
+    # --------------------------------------------------------- sample, retire
 
-        def own_piece(s: Sequence, ids: list[int]) -> tuple:
-            seg = s.segment
-            return (s, ids[s.prefix:], s.prefix, (s.slot, 0 if seg is None else seg.offset, s.prefix))
+    def sample(self, rows: list[Sequence], logits: torch.Tensor) -> None:
+        p = self.params
+        block = None
+        if p.min_tokens and not p.ignore_eos:
+            block = torch.tensor([len(s.tokens) < p.min_tokens for s in rows], device=self.device)
+        slots = torch.tensor([s.slot for s in rows], device=self.device)
+        logits = sampling.process(logits, p, None if self.seen is None else self.seen.rows(slots), block,
+                                  self.gen.eos_ids)
+        new = sampling.draw(logits, p, [s.rng for s in rows]).tolist()
+        if self.seen is not None:
+            self.seen.mark(slots, new)
+        now = time.perf_counter() - self.t_start
+        for s, tok in zip(rows, new):
+            if not s.tokens and s.candidate == 0:
+                self.metrics.ttft_s.append(now)
+            s.append(tok, self.rules)
 
-        while sched.has_work():
-            admitted = sched.admit()
-            if admitted:
-                with Timer() as t:
-                    firsts, pieces = [], []
-                    for r in admitted:
-                        first, seg = None, plan.get(r.index)
-                        if seg is not None and not seg.ready:     # computed once, before its first reader
-                            pieces.append((None, list(seg.tokens), 0, (-1, seg.offset, seg.length)))
-                            seg.ready = True
-                            metrics.prefix_hit_tokens -= seg.length
-                        if seg is not None:                        # once per prompt, as its prefill
-                            metrics.prefix_hit_tokens += seg.length
-                        for j in range(r.n):
-                            s = Sequence(r.index, j, r.prompt_ids, segment=seg)
-                            if seg is not None:
-                                self.prefixes.attach(seg)
-                            if not params.is_greedy:
-                                s.rng = torch.Generator(device=self.device)
-                                s.rng.manual_seed(sampling.row_seed(base_seed, r.prompt_ids, j))
-                            sched.place(s)
-                            first = s if first is None else first
-                            if seen is not None:
-                                seen[s.slot] = False
-                                seen[s.slot, torch.tensor(r.prompt_ids, device=self.device)] = True
-                        firsts.append(first)
-                        pieces.append(own_piece(first, first.prompt_ids))
-                    logits = run_prefill(pieces)
-                    rows, row_logits = [], []
-                    for s, lg in zip(firsts, logits):
-                        forks = [f for f in sched.running if f.request == s.request and f is not s]
-                        for f in forks:
-                            self.runner.copy_slot(s.slot, f.slot, s.own_length)
-                        rows += [s, *forks]
-                        row_logits += [lg] * (1 + len(forks))
-                    sample(rows, torch.stack(row_logits))
-                metrics.prefill_s += t.s
-            else:
-                decoding = [s for s in sched.running if not s.finish_reason]
-                with Timer() as t:
-                    if params.recompute:
-                        logits = run_prefill([own_piece(s, s.prompt_ids + s.tokens) for s in decoding])
-                    else:
-                        pos = [s.length - 1 for s in decoding]
-                        lengths = [s.own_length for s in decoding]
-                        groups = attention_groups(lengths)                # what the step's own-key attention reads
-                        by_seg: dict[int, tuple] = {}
-                        for b, s in enumerate(decoding):
-                            if s.segment is not None:
-                                by_seg.setdefault(s.segment.offset, (s.segment.offset, s.segment.length, []))[2].append(b)
-                        prefix = [s.prefix for s in decoding] if by_seg else None
-                        logits = self.runner.decode([s.tokens[-1] for s in decoding], pos, groups, prefix,
-                                                    list(by_seg.values()))
-                        metrics.real_tokens += sum(lengths)
-                        metrics.padded_tokens += sum(L - n for a, e, L in groups for n in lengths[a:e])
-                        stored = sum(lengths) + sum(P for _, P, _ in by_seg.values())
-                        metrics.kv_bytes_per_row = max(metrics.kv_bytes_per_row, stored * token_bytes // len(decoding))
-                    sample(decoding, logits)
-                metrics.decode_s += t.s
-                metrics.decode_steps += 1
-            done, moves = sched.retire_finished()
-            for src, dst, length in moves:
-                self.runner.copy_slot(src, dst, length)
-                if seen is not None:
-                    seen[dst] = seen[src]
-            for s in done:
-                if s.segment is not None:
-                    self.prefixes.detach(s.segment)
-                metrics.generated_tokens += len(s.tokens)
-                out = results[s.request]
-                text = s.text if s.finish_reason == "stop" else self.decode_text(s.tokens)
-                cands = finished[s.request]
-                cands[s.candidate] = CompletionOutput(text + params.restart, s.tokens, s.finish_reason)
-                if len(cands) == params.n:  # candidates finish in any order; keep candidate order
-                    out.outputs = [cands[j] for j in range(params.n)]
-                    metrics.latencies_s.append(time.perf_counter() - t_start)
-        metrics.prefix_evictions += self.prefixes.evictions - evictions0
+    def retire(self) -> None:
+        """Finished rows leave (their slots are refilled by moving the last rows in); a
+        prompt's result is complete when all its candidates are."""
+        done, moves = self.sched.retire_finished()
+        for src, dst, length in moves:
+            self.runner.copy_slot(src, dst, length)
+            if self.seen is not None:
+                self.seen.move(src, dst)
+        for s in done:
+            if s.segment is not None:
+                self.gen.prefixes.detach(s.segment)
+            self.metrics.generated_tokens += len(s.tokens)
+            cands = self.finished[s.request]
+            cands[s.candidate] = CompletionOutput(s.completion_text(self.rules), s.tokens, s.finish_reason)
+            if len(cands) == self.params.n:  # candidates finish in any order; keep candidate order
+                self.results[s.request].outputs = [cands[j] for j in range(self.params.n)]
+                self.metrics.latencies_s.append(time.perf_counter() - self.t_start)

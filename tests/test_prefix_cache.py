@@ -10,18 +10,32 @@ HEADERS = ["You suggest search queries. Examples:\n" + "".join(
     f"Q: topic {i} things\nA: best topic {i}, cheap topic {i}, topic {i} near me\n" for i in range(10)),
     "Classify the sentiment. Examples:\n" + "".join(f"Text: I feel {w} today\nLabel: {w}\n"
                                                     for w in ("good", "bad", "fine", "sad", "happy", "calm"))]
-QUERIES = ["cheap flights to tokyo", "best pizza", "running shoes", "used cars under 5000", "how to learn piano"]
+QUERIES = ["cheap flights to tokyo", "best pizza", "used cars under 5000"]
 PROMPTS = [h + f"Q: {q}\nA:" for q in QUERIES for h in HEADERS] + ["Hi", "The capital of France is"]
-GREEDY = GenerationParams(greedy=True, out_seq_length=12, ignore_eos=True)
+GREEDY = GenerationParams(greedy=True, out_seq_length=10, ignore_eos=True)
 
 
 def tokens(results):
     return [[o.token_ids for o in r.outputs] for r in results]
 
 
+class Reference:
+    """Generation without reuse (the reference), each (prompts, params) computed once."""
+
+    def __init__(self, gen):
+        self.gen = Generator(gen.runner, gen.tokenizer, gen.config, prefix_cache=False)
+        self.done = {}
+
+    def generate(self, prompts, params):
+        key = (tuple(prompts), params)
+        if key not in self.done:
+            self.done[key] = self.gen.generate(prompts, params)
+        return self.done[key]
+
+
 @pytest.fixture(scope="module")
 def off(smollm2):
-    return Generator(smollm2.runner, smollm2.tokenizer, smollm2.config, prefix_cache=False)
+    return Reference(smollm2)
 
 
 def fresh(gen, **kw):
@@ -32,8 +46,8 @@ def fresh(gen, **kw):
 
 @pytest.mark.parametrize("params", [
     GREEDY,
-    GenerationParams(greedy=True, out_seq_length=12, repetition_penalty=1.5, stop_sequences=["\n"]),
-    GenerationParams(temperature=0.9, top_k=40, seed=7, n=3, out_seq_length=8, ignore_eos=True),
+    GenerationParams(greedy=True, out_seq_length=10, repetition_penalty=1.5, stop_sequences=["\n"]),
+    GenerationParams(temperature=0.9, top_k=40, seed=7, n=3, out_seq_length=6, ignore_eos=True),
 ], ids=["greedy", "repetition_penalty+stop", "sampled_n3"])
 def test_same_tokens_with_and_without_reuse(smollm2, off, params):
     on = fresh(smollm2).generate(PROMPTS, params)
@@ -52,9 +66,9 @@ def test_chunked_prefill_and_few_slots(smollm2, off):
 @pytest.mark.slow
 def test_equals_transformers(smollm2, smollm2_hf):
     from test_equivalence import hf_greedy
-    res = fresh(smollm2).generate(PROMPTS[:6], GREEDY)
-    for p, r in zip(PROMPTS[:6], res):
-        assert r.outputs[0].token_ids == hf_greedy(smollm2_hf, smollm2.tokenizer, p, 12, eos_token_id=None), p[-30:]
+    res = fresh(smollm2).generate(PROMPTS[:4], GREEDY)
+    for p, r in zip(PROMPTS[:4], res):
+        assert r.outputs[0].token_ids == hf_greedy(smollm2_hf, smollm2.tokenizer, p, 10, eos_token_id=None), p[-30:]
 
 
 def test_reuse_across_calls_and_recompute(smollm2, off):
@@ -69,7 +83,7 @@ def test_reuse_across_calls_and_recompute(smollm2, off):
 
 
 def test_shared_part_is_stored_once(smollm2, off):
-    long = [HEADERS[0] * 2 + f"Q: {q} {i}\nA:" for i in range(2) for q in QUERIES[:4]]
+    long = [HEADERS[0] * 2 + f"Q: {q} {i}\nA:" for i in range(3) for q in QUERIES]
     on, ref = fresh(smollm2).generate(long, GREEDY), off.generate(long, GREEDY)
     assert tokens(on) == tokens(ref)
     assert on.metrics.kv_bytes_per_row <= ref.metrics.kv_bytes_per_row / 4

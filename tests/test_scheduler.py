@@ -8,7 +8,7 @@ import random
 import pytest
 
 from libinfer import Generator, GenerationParams
-from libinfer.scheduler import Request, Scheduler, Sequence
+from libinfer.engine.scheduler import Request, Scheduler, Sequence
 
 
 @pytest.mark.parametrize("static", [False, True])

@@ -1,2 +1,3 @@
-"""The engine's parts that the models and the runner share (the scheduler, sampling and
-metrics still sit at the package top; they move here with the KV-cache rework)."""
+"""The engine: `sequence.py` (one running candidate: tokens, storage, RNG, stop rules),
+`scheduler.py` (who runs next over the KV slots), `kv_cache.py` (slots + the shared prefix
+pool). The step loop that ties them to the model runner is `generator._Call`."""

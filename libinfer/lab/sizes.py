@@ -4,13 +4,12 @@ predictor to extrapolate to; and the shape numbers of a loaded model that the re
 and the predictor take as inputs."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
 from ..generator import Generator
-from ..loading import ModelConfig
+from ..loading import ModelConfig, cache_dir
 from .random_model import llama_config
 
 # Width/depth ladder: every step ~2x parameters (tied 49,152-token embedding included).
@@ -38,8 +37,7 @@ def size_config(name: str) -> ModelConfig:
 
 def size_model_dir(name: str) -> Path:
     """Where the random model of ladder size `name` is written on first use."""
-    root = Path(os.environ.get("LIBINFER_CACHE", Path.home() / ".cache" / "libinfer"))
-    return root / "models" / f"lab_{name}"
+    return cache_dir() / "models" / f"lab_{name}"
 
 
 def shape_facts(c: ModelConfig, elem: int) -> dict[str, float]:
@@ -47,7 +45,7 @@ def shape_facts(c: ModelConfig, elem: int) -> dict[str, float]:
     of `elem` bytes per value."""
     return {"n_params": c.n_params, "n_layers": c.n_layers, "hidden_size": c.hidden_size,
             "intermediate_size": c.intermediate_size, "vocab_size": c.vocab_size,
-            "kv_bytes_per_token": 2 * c.n_layers * c.n_kv_heads * c.head_dim * elem,
+            "kv_bytes_per_token": c.kv_values_per_token * elem,
             "weight_bytes": c.n_params * elem, "dtype_bytes": elem}
 
 

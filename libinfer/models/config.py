@@ -78,9 +78,13 @@ class ModelConfig:
                      + ((q + 2 * kv) if self.attention_bias else 0) + (h if self.o_bias else 0))
         return v * h * (1 if self.tie_embeddings else 2) + self.n_layers * per_layer + h
 
+    @property
+    def kv_values_per_token(self) -> int:
+        """K and V values one token keeps in the cache, over all layers."""
+        return 2 * self.n_layers * self.n_kv_heads * self.head_dim
+
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
-        elem = torch.empty((), dtype=dtype).element_size()
-        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * elem
+        return self.kv_values_per_token * torch.empty((), dtype=dtype).element_size()
 
     def to_dict(self) -> dict:
         return asdict(self)

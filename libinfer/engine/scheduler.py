@@ -10,40 +10,8 @@ comparisons.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
 
-
-@dataclass
-class Sequence:
-    """One candidate of one prompt."""
-    request: int
-    candidate: int
-    prompt_ids: list[int]
-    slot: int = -1
-    tokens: list[int] = field(default_factory=list)
-    text: str = ""
-    finish_reason: str | None = None
-    rng: object = None
-    segment: object = None            # the shared prefix segment it reads (kv_cache.Segment), if any
-
-    @property
-    def length(self) -> int:          # tokens whose K/V are (or will be) in the cache
-        return len(self.prompt_ids) + len(self.tokens)
-
-    @property
-    def prefix(self) -> int:          # positions held by its segment, not by its slot
-        return 0 if self.segment is None else self.segment.length
-
-    @property
-    def own_length(self) -> int:      # positions held by its slot
-        return self.length - self.prefix
-
-
-@dataclass
-class Request:
-    index: int
-    prompt_ids: list[int]
-    n: int
+from .sequence import Request, Sequence
 
 
 class Scheduler:
