@@ -78,12 +78,13 @@ def main() -> None:
              "Workload: benchmarks/throughput.py's 64 mixed-length prompts (26-489 tokens, nothing shared), greedy, "
              "32 new tokens, EOS ignored, continuous batching, bundled SmolLM2; one fresh process per run, runs "
              f"alternating between the revisions, median of {args.repeats}.", "",
-             "| dtype | base " + trees["base"][1] + " s | new " + trees["new"][1] + " s | new / base | same tokens |",
-             "|---|---:|---:|---:|---:|"]
+             "| dtype | base " + trees["base"][1] + " s | new " + trees["new"][1] + " s | new / base | same tokens | "
+             "runs base / new s |", "|---|---:|---:|---:|---:|---|"]
     for dt in args.dtypes.split(","):
         b, n = statistics.median(times[(dt, "base")]), statistics.median(times[(dt, "new")])
         same = sum(x == y for x, y in zip(toks[(dt, "base")], toks[(dt, "new")]))
-        lines.append(f"| {dt} | {b:.2f} | {n:.2f} | {n / b:.3f} | {same}/64 |")
+        runs = " / ".join(", ".join(f"{t:.1f}" for t in times[(dt, k)]) for k in ("base", "new"))
+        lines.append(f"| {dt} | {b:.2f} | {n:.2f} | {n / b:.3f} | {same}/64 | {runs} |")
     text = "\n".join(lines)
     print(text)
     if not args.no_write:

@@ -99,7 +99,7 @@ def main() -> None:
         rows.append(measure(name, folder, file))
     n = len(PROMPTS)
     lines = ["## Model families", "",
-             f"Command: `python benchmarks/families.py`  ",
+             "Command: `python benchmarks/families.py`  ",
              f"Machine: {machine()}  ",
              f"Workload: {n} prompts of 1-370 tokens, greedy, {NEW} new tokens, EOS ignored. fp32 column: prompts "
              "whose tokens equal `transformers.generate` in fp32 token by token. bf16 columns: prompts whose bf16 "

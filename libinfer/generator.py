@@ -233,7 +233,8 @@ class Generator:
     def _kv_budget_tokens(self) -> int:
         return self._kv_budget_bytes // self.config.kv_bytes_per_token(self.dtype)
 
-    def plan_cache(self, prompt_lengths: list[int], params: GenerationParams, pool_tokens: int = 0) -> tuple[int, int]:
+    def plan_cache(self, prompt_lengths: list[int], params: GenerationParams, pool_tokens: int = 0,
+                   quiet: bool = False) -> tuple[int, int]:
         """KV-cache shape (slots, tokens per slot) for rows whose slots hold these prompt
         lengths (what their prefix segments do not), next to a pool of pool_tokens: slots
         as many as max_batch_size, the rows and kv_cache_gb allow. Every row passed
@@ -244,7 +245,7 @@ class Generator:
         max_len = min(-(-need // 64) * 64, self.max_model_len, max(need, budget // params.n))
         want = min(self.max_batch_size, len(prompt_lengths) * params.n)
         n_slots = min(want, budget // max_len)
-        if n_slots < want:
+        if n_slots < want and not quiet:
             log.warning("kv_cache_gb=%.2f holds %d slots of %d tokens (max_batch_size %d): decoding %d rows at a "
                         "time", self.kv_cache_gb, n_slots, max_len, self.max_batch_size, n_slots)
         return n_slots, max_len
@@ -370,11 +371,15 @@ class _Call:
         self.gen, self.params, self.results, self.metrics, self.t_start = gen, params, results, metrics, t_start
         self.plan, self.runner, self.device = plan, gen.runner, gen.device
         own = [len(r.prompt_ids) - (plan[r.index].length if r.index in plan else 0) for r in requests]
-        # The pool stays (and keeps its segments for later calls) unless these rows need its room.
+        # The pool stays (and keeps its segments for later calls) unless it would cost these
+        # rows slots: rows come before a cache of earlier calls' prefixes.
         pool = gen.prefixes.capacity
-        if not plan and pool and (max(own) + params.out_seq_length) * params.n > gen._kv_budget_tokens() - pool:
-            gen.prefixes.reset(0)
-            pool = 0
+        if not plan and pool:
+            want = min(gen.max_batch_size, len(requests) * params.n)
+            if (max(own) + params.out_seq_length) * params.n > gen._kv_budget_tokens() - pool or \
+                    gen.plan_cache(own, params, pool, quiet=True)[0] < want:
+                gen.prefixes.reset(0)
+                pool = 0
         n_slots, max_len = gen.plan_cache(own, params, pool)
         self.evictions0 = gen.prefixes.evictions
         cache = self.runner.allocate(n_slots, max_len, gen._kv_budget_bytes, pool)

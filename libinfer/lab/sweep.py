@@ -144,6 +144,10 @@ class Sweep:
             prompts = sorted(ids, key=len) if srt else list(ids)
             gen.max_batch_size, gen.static_batching = b, batching == "static"
             gen.max_batch_tokens = max_batch_tokens or max(b * max(lens), 1)
+            # The replay is the talk's length-sorting study (3.5): shared-prefix reuse would
+            # make the rows' cached lengths short and alike whatever their order
+            # (benchmarks/prefix_cache.py measures it).
+            gen.prefix_cache = False
             m = latency_metrics(gen.generate(prompts, params).metrics, len(prompts))
             name = f"{self.params['model']} replay b{b}" + (" sorted" if srt else " unsorted")
             out.append(self._point(name, {

@@ -65,9 +65,10 @@ def test_gemma3_270m_gguf_equals_transformers(gemma3_270m):
 @pytest.mark.slow
 def test_gemma3_270m_tp2_equals_tp1(gemma3_270m):
     """One KV head on two ranks: each holds a copy and two of the four query heads."""
-    params = GenerationParams(greedy=True, out_seq_length=12, ignore_eos=True)
-    one = gemma3_270m.generate(PROMPTS_270M, params)
-    with Generator.from_pretrained("gemma3_270m", tp_size=2, tp_timeout_s=120) as gen:
+    params = GenerationParams(greedy=True, out_seq_length=8, ignore_eos=True)
+    prompts = PROMPTS_270M[:3]          # loading dominates; the window is crossed by the random-config TP test
+    one = gemma3_270m.generate(prompts, params)
+    with Generator.from_pretrained("gemma3_270m", tp_size=2, tp_timeout_s=120, warmup=False) as gen:
         assert gen.runner.rank_weight_bytes[0] < gemma3_270m.runner.weight_bytes()
-        two = gen.generate(PROMPTS_270M, params)
+        two = gen.generate(prompts, params)
     assert [r.outputs[0].token_ids for r in two] == [r.outputs[0].token_ids for r in one]
