@@ -479,10 +479,11 @@ class _Call:
         step = self.gen.max_batch_tokens
         chunks = [(ids[a:a + step], start + a, loc, seq is not None and a + step >= len(ids))
                   for seq, ids, start, loc in pieces for a in range(0, len(ids), step)]
-        out, call = [], []
+        out, call, n_tok = [], [], 0
         for i, chunk in enumerate(chunks):
             call.append(chunk)
-            if i + 1 == len(chunks) or sum(len(c[0]) for c in call) + len(chunks[i + 1][0]) > step:
+            n_tok += len(chunk[0])
+            if i + 1 == len(chunks) or n_tok + len(chunks[i + 1][0]) > step:
                 toks, spans = [], []
                 for ids, start, _, _ in call:
                     spans.append((len(toks), len(ids), start))
@@ -491,7 +492,7 @@ class _Call:
                 out.extend(logits[j] for j, (*_, last) in enumerate(call) if last)
                 self.metrics.prefill_steps += 1
                 self.metrics.prefill_tokens += len(toks)
-                call = []
+                call, n_tok = [], 0
         return torch.stack(out)
 
     # --------------------------------------------------------- sample, retire
