@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -70,6 +71,10 @@ class GenerationConf:
     min_tokens: int = 0
     seed: Optional[int] = None
     n: int = 1
+    logprobs: Optional[int] = None
+    guided_json: Any = None                 # a JSON schema: a mapping, JSON text, or the path of a .json file
+    guided_regex: Optional[str] = None
+    guided_choice: Optional[List[str]] = None
 
 
 @dataclass
@@ -188,6 +193,12 @@ def generation_params(gen_cfg):
     """libinfer.GenerationParams of the `generation` group; ParamError -> ConfigError."""
     from libinfer import GenerationParams, ParamError
     values = OmegaConf.to_container(gen_cfg, resolve=True) if isinstance(gen_cfg, DictConfig) else dict(gen_cfg)
+    schema = values.get("guided_json")
+    if isinstance(schema, str) and not schema.lstrip().startswith("{"):
+        try:
+            values["guided_json"] = Path(schema).expanduser().read_text()
+        except OSError as e:
+            raise ConfigError("generation.guided_json", f"is neither a JSON schema nor a readable file: {e}") from None
     try:
         return GenerationParams.from_dict(values)
     except ParamError as e:

@@ -35,10 +35,32 @@ def parse_dtype(dtype) -> torch.dtype:
 
 
 @dataclass
+class TokenLogprob:
+    """A generated token's log-probability under the model (the raw distribution, before
+    penalties, temperature and filters, as vLLM reports by default) and the `logprobs`
+    most likely tokens at that step."""
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
 class CompletionOutput:
     text: str
     token_ids: list[int]
     finish_reason: str          # "stop" | "eos" | "length"
+    logprobs: list[TokenLogprob] | None = None    # one per token id, when params.logprobs is set
+
+
+@dataclass
+class TokenEvent:
+    """What `on_token` is told after each generated token: `text` is the completion's final
+    text once `finish_reason` is set (stop sequence cut, `restart` added), else None."""
+    index: int
+    candidate: int
+    token_id: int
+    finish_reason: str | None
+    text: str | None
 
 
 @dataclass
@@ -145,6 +167,7 @@ class Generator:
             eos.add(tokenizer.eos_token_id)
         self.eos_ids = sorted(eos)
         self.prefix_cache = prefix_cache
+        self._guidance = None
         self.load_s = 0.0
         self.warmup_s = 0.0
 
@@ -250,6 +273,20 @@ class Generator:
                         "time", self.kv_cache_gb, n_slots, max_len, self.max_batch_size, n_slots)
         return n_slots, max_len
 
+    @property
+    def guidance(self):
+        """Structured output's tokenizer side, built on the first guided call (~0.5 s)."""
+        if self._guidance is None:
+            from .structured import Guidance
+            self._guidance = Guidance(self.tokenizer, self.config.vocab_size, self.eos_ids)
+        return self._guidance
+
+    def _row_guide(self, params: GenerationParams, override):
+        """The compiled guide of one row: its own (a mapping of guide fields) or the call's."""
+        from .structured import guide_of
+        spec = guide_of(override) if override else params.guide
+        return None if spec is None else self.guidance.compile(*spec)
+
     def decode_text(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
@@ -272,30 +309,45 @@ class Generator:
 
     # --------------------------------------------------------------- the loop
 
-    def generate(self, prompts: Seq[str] | Seq[Seq[int]], params: GenerationParams | None = None) -> Results:
+    def generate(self, prompts: Seq[str] | Seq[Seq[int]], params: GenerationParams | None = None,
+                 guides: Seq | None = None, on_token=None) -> Results:
+        """Generate for every prompt; a row that cannot run gets `error` and the others run.
+
+        guides: optional, one per prompt: None (the call's guide from params, if any) or a
+            mapping with one of guided_json / guided_regex / guided_choice for that row
+            alone (rows of one parameter set with different schemas run together); a guide
+            that does not compile rejects its row, naming the field.
+        on_token: optional callable(TokenEvent), called in the loop after every generated
+            token (streaming); it must be quick.
+        """
         params = params or GenerationParams()
         if isinstance(prompts, str):
             raise TypeError("prompts must be a list of strings or of token-id lists, not one string")
+        if guides is not None and len(guides) != len(prompts):
+            raise ValueError(f"guides has {len(guides)} entries for {len(prompts)} prompts")
         t_start = time.perf_counter()
         results, metrics = Results(), GenerationMetrics(n_prompts=len(prompts))
         results.metrics = metrics
         requests = []
         for i, prompt in enumerate(prompts):
             text = prompt if isinstance(prompt, str) else None
+            ids, guide = [], None
             try:
                 ids = self.encode(prompt, params)
                 error = self._check_row(ids, params)
-            except (ValueError, TypeError) as e:
-                ids, error = [], str(e)
+                if error is None:
+                    guide = self._row_guide(params, guides[i] if guides is not None else None)
+            except (ValueError, TypeError) as e:       # GuideError is a ValueError
+                error = str(e)
             results.append(RequestOutput(i, text, ids, error=error))
             if error is None:
-                requests.append(Request(i, ids, params.n))
+                requests.append(Request(i, ids, params.n, guide))
                 metrics.prompt_tokens += len(ids)
             else:
                 metrics.n_rejected += 1
         if requests:
             with PeakMemory(self.device) as peak, torch.inference_mode():
-                self._run(requests, params, results, metrics, t_start)
+                self._run(requests, params, results, metrics, t_start, on_token)
             metrics.peak_memory_bytes = peak.peak
         metrics.wall_s = time.perf_counter() - t_start
         return results
@@ -355,10 +407,10 @@ class Generator:
             self.prefixes.reset(self.prefixes.capacity)
         return {i: segs[h] for i, (h, _, _) in wanted.items()}
 
-    def _run(self, requests, params, results, metrics, t_start) -> None:
+    def _run(self, requests, params, results, metrics, t_start, on_token=None) -> None:
         plan = self._plan_prefixes(requests, params)
         try:
-            _Call(self, requests, params, results, metrics, t_start, plan).run()
+            _Call(self, requests, params, results, metrics, t_start, plan, on_token).run()
         finally:
             for seg in {id(s): s for s in plan.values()}.values():
                 self.prefixes.detach(seg)
@@ -367,8 +419,10 @@ class Generator:
 class _Call:
     """One generate call's state, and its step loop: schedule -> run -> sample -> retire."""
 
-    def __init__(self, gen: Generator, requests, params: GenerationParams, results, metrics, t_start, plan):
+    def __init__(self, gen: Generator, requests, params: GenerationParams, results, metrics, t_start, plan,
+                 on_token=None):
         self.gen, self.params, self.results, self.metrics, self.t_start = gen, params, results, metrics, t_start
+        self.on_token = on_token
         self.plan, self.runner, self.device = plan, gen.runner, gen.device
         own = [len(r.prompt_ids) - (plan[r.index].length if r.index in plan else 0) for r in requests]
         # The pool stays (and keeps its segments for later calls) unless it would cost these
@@ -429,6 +483,8 @@ class _Call:
                 self.metrics.prefix_hit_tokens += seg.length       # once per prompt, as its prefill
             for j in range(r.n):
                 s = Sequence.start(r, j, self.params, self.base_seed, self.device, seg)
+                if r.guide is not None:
+                    s.matcher = self.gen.guidance.matcher(r.guide)
                 if seg is not None:
                     self.gen.prefixes.attach(seg)
                 self.sched.place(s)
@@ -499,20 +555,36 @@ class _Call:
 
     def sample(self, rows: list[Sequence], logits: torch.Tensor) -> None:
         p = self.params
+        raw = logits
+        guided = [b for b, s in enumerate(rows) if s.matcher is not None]
+        if guided:                        # only what the grammar allows (before the filters: they see those)
+            with Timer() as t:
+                allowed = self.gen.guidance.mask([rows[b].matcher for b in guided]).to(logits.device)
+                logits = logits.clone()
+                logits[guided] = logits[guided].masked_fill(~allowed, float("-inf"))
+            self.metrics.guide_s += t.s
         block = None
-        if p.min_tokens and not p.ignore_eos:
-            block = torch.tensor([len(s.tokens) < p.min_tokens for s in rows], device=self.device)
+        if p.min_tokens and not p.ignore_eos:     # a complete grammar decides the end, min_tokens or not
+            block = torch.tensor([len(s.tokens) < p.min_tokens and not (s.matcher and s.matcher.is_accepting())
+                                  for s in rows], device=self.device)
         slots = torch.tensor([s.slot for s in rows], device=self.device)
         logits = sampling.process(logits, p, None if self.seen is None else self.seen.rows(slots), block,
                                   self.gen.eos_ids)
         new = sampling.draw(logits, p, [s.rng for s in rows]).tolist()
         if self.seen is not None:
             self.seen.mark(slots, new)
+        tops = sampling.logprobs(raw, new, p.logprobs) if p.logprobs is not None else None
         now = time.perf_counter() - self.t_start
-        for s, tok in zip(rows, new):
+        for b, (s, tok) in enumerate(zip(rows, new)):
             if not s.tokens and s.candidate == 0:
                 self.metrics.ttft_s.append(now)
+            if tops is not None:
+                s.logprobs.append(TokenLogprob(tok, *tops[b]))
             s.append(tok, self.rules)
+            if self.on_token is not None:
+                done = s.finish_reason
+                self.on_token(TokenEvent(s.request, s.candidate, tok, done,
+                                         s.completion_text(self.rules) if done else None))
 
     def retire(self) -> None:
         """Finished rows leave (their slots are refilled by moving the last rows in); a
@@ -527,7 +599,8 @@ class _Call:
                 self.gen.prefixes.detach(s.segment)
             self.metrics.generated_tokens += len(s.tokens)
             cands = self.finished[s.request]
-            cands[s.candidate] = CompletionOutput(s.completion_text(self.rules), s.tokens, s.finish_reason)
+            cands[s.candidate] = CompletionOutput(s.completion_text(self.rules), s.tokens, s.finish_reason,
+                                                  s.logprobs if self.params.logprobs is not None else None)
             if len(cands) == self.params.n:  # candidates finish in any order; keep candidate order
                 self.results[s.request].outputs = [cands[j] for j in range(self.params.n)]
                 self.metrics.latencies_s.append(time.perf_counter() - self.t_start)

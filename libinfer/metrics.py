@@ -33,6 +33,7 @@ class GenerationMetrics:
     prefill_tokens: int = 0
     kv_bytes_per_row: int = 0
     prefix_evictions: int = 0
+    guide_s: float = 0.0              # structured output: computing and applying grammar masks
     latencies_s: list[float] = field(default_factory=list)    # per prompt, from call start
     ttft_s: list[float] = field(default_factory=list)         # per prompt, first token
 

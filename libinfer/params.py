@@ -2,13 +2,20 @@
 
 The names follow the talk (Megatron's text-generation server): `out_seq_length`,
 `recompute`, `greedy`, `start`, `restart`, ... plus what batch users expect on top
-(`n`, `seed`, `ignore_eos`, `min_tokens`).
+(`n`, `seed`, `ignore_eos`, `min_tokens`), token log-probabilities (`logprobs`) and
+structured output: at most one of `guided_json` (a JSON schema, given as a mapping or as
+JSON text and kept as canonical JSON text), `guided_regex`, `guided_choice` (see
+libinfer/structured.py).
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping
+
+from . import structured
+
+MAX_LOGPROBS = 20                     # OpenAI's top_logprobs limit
 
 
 class ParamError(ValueError):
@@ -35,6 +42,10 @@ class GenerationParams:
     min_tokens: int = 0               # EOS and stop sequences are ignored before this
     seed: int | None = None
     n: int = 1                        # candidates per prompt
+    logprobs: int | None = None       # None: none; k: each token's log-probability and the k most likely
+    guided_json: str | None = None    # a JSON schema every completion validates against
+    guided_regex: str | None = None   # a regular expression every completion matches in full
+    guided_choice: tuple[str, ...] | None = None   # every completion is one of these strings
 
     def __post_init__(self):
         # Lists from YAML/JSON become tuples so the object stays hashable and frozen.
@@ -42,6 +53,13 @@ class GenerationParams:
             object.__setattr__(self, "stop_sequences", (self.stop_sequences,))
         else:
             object.__setattr__(self, "stop_sequences", tuple(self.stop_sequences or ()))
+        if self.guided_json is not None:
+            try:
+                object.__setattr__(self, "guided_json", structured.canonical_json(self.guided_json))
+            except structured.GuideError as e:
+                raise ParamError(e.field, str(e).split(": ", 1)[-1]) from None
+        if self.guided_choice is not None and not isinstance(self.guided_choice, str):
+            object.__setattr__(self, "guided_choice", tuple(self.guided_choice))
         self.validate()
 
     def validate(self) -> None:
@@ -71,6 +89,24 @@ class GenerationParams:
             check(name, isinstance(getattr(self, name), str), "must be a string")
         check("stop_sequences", all(isinstance(s, str) and s for s in self.stop_sequences),
               "must be a list of non-empty strings")
+        check("logprobs", self.logprobs is None or (is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
+              f"must be null or an integer in [0, {MAX_LOGPROBS}]")
+        try:
+            guide = structured.guide_of(self.guides)
+            if guide is not None:
+                structured.grammar(*guide)
+        except structured.GuideError as e:
+            raise ParamError(e.field, str(e).split(": ", 1)[-1]) from None
+
+    @property
+    def guides(self) -> dict[str, Any]:
+        """The structured-output fields (at most one is set)."""
+        return {k: getattr(self, k) for k in structured.GUIDE_FIELDS}
+
+    @property
+    def guide(self) -> tuple[str, Any] | None:
+        """(field, value) of the guide set, or None."""
+        return structured.guide_of(self.guides)
 
     @property
     def is_greedy(self) -> bool:
@@ -82,6 +118,8 @@ class GenerationParams:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["stop_sequences"] = list(self.stop_sequences)
+        if self.guided_choice is not None:
+            d["guided_choice"] = list(self.guided_choice)
         return d
 
     @classmethod

@@ -61,3 +61,14 @@ def draw(logits: torch.Tensor, params: GenerationParams, generators: list[torch.
         return logits.argmax(dim=-1)
     probs = logits.softmax(dim=-1)
     return torch.cat([torch.multinomial(probs[b], 1, generator=g) for b, g in enumerate(generators)])
+
+
+def logprobs(logits: torch.Tensor, chosen: list[int], k: int) -> list[tuple[float, list[tuple[int, float]]]]:
+    """Per row: the chosen token's log-probability under the raw logits, and the k most
+    likely (token, log-probability) pairs."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    picked = lp.gather(1, torch.tensor(chosen, device=lp.device)[:, None])[:, 0].tolist()
+    if k == 0:
+        return [(v, []) for v in picked]
+    vals, ids = lp.topk(k, dim=-1)
+    return [(v, list(zip(i, t))) for v, i, t in zip(picked, ids.tolist(), vals.tolist())]

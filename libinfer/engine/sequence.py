@@ -23,6 +23,7 @@ class Request:
     index: int
     prompt_ids: list[int]
     n: int
+    guide: object = None              # structured.Guide: the grammar its completions follow, if any
 
 
 @dataclass
@@ -36,6 +37,8 @@ class Sequence:
     finish_reason: str | None = None
     rng: torch.Generator | None = None
     segment: object = None            # the shared prefix segment it reads (kv_cache.Segment), if any
+    matcher: object = None            # its llguidance matcher when guided (structured.py)
+    logprobs: list = field(default_factory=list)     # TokenLogprob per token, when asked for
 
     @classmethod
     def start(cls, request: Request, candidate: int, params: GenerationParams, base_seed: int, device,
@@ -64,6 +67,12 @@ class Sequence:
         """Add a generated token and decide whether the sequence is finished."""
         self.tokens.append(token)
         p, n_gen = rules.params, len(self.tokens)
+        if self.matcher is not None:
+            self.matcher.consume_token(token)
+            if self.matcher.is_stopped() and token not in rules.eos_ids:
+                self.text = rules.decode(self.tokens)
+                self.finish_reason = "stop"          # the grammar is complete and allows nothing more
+                return
         if token in rules.eos_ids and not p.ignore_eos and n_gen > p.min_tokens:
             self.finish_reason = "eos"
             return
