@@ -31,6 +31,7 @@ from jobs._spark import JobError, entry_point, progress
 METRICS = [
     ("eval.exact_match", "exact match", True),
     ("eval.chrf", "chrF", True),
+    ("eval.bleu", "BLEU", True),
     ("eval.reference_perplexity", "ref. perplexity", False),
     ("eval.stop_hit_rate", "stop hit rate", True),
     ("eval.avg_generated_tokens", "avg gen. tokens", None),

@@ -11,7 +11,7 @@ layout under `out`). Then, on Spark again, each worker's cached generator scores
 references (teacher-forced log-probabilities after prompt + `generation.start`), and
 the driver computes libinfer.quality's metrics over the (small) collected table.
 
-Logged: quality metrics (exact_match, chrf, reference_perplexity, stop_hit_rate,
+Logged: quality metrics (exact_match, chrf, bleu, reference_perplexity, stop_hit_rate,
 avg_generated_tokens, repetition_rate, ...), the generate speed metrics (`generate.*`),
 and the outputs table (`eval_outputs.json` via mlflow.log_table: the UI's artifact view
 shows prompt / reference / prediction side by side).
@@ -185,6 +185,7 @@ def run_evaluate(spark, cfg) -> tuple[dict, "object"]:
         "n_generated_tokens": [r.n_generated_tokens for r in rows],
         "exact_match": [m.get("exact_match") for m in per_row],
         "chrf": [m.get("chrf") for m in per_row],
+        "bleu": [m.get("bleu") for m in per_row],
         "reference_perplexity": [m.get("reference_perplexity") for m in per_row],
         "repetition_rate": [m["repetition_rate"] for m in per_row],
     })
@@ -205,7 +206,7 @@ def log_evaluate(metrics: dict, outputs, table_rows: int = 1000) -> None:
 
 def quality_line(m: dict) -> str:
     parts = [f"{m.get('rows', 0)} rows"]
-    for k, fmt in (("exact_match", "{:.3f}"), ("chrf", "{:.2f}"), ("reference_perplexity", "{:.2f}"),
+    for k, fmt in (("exact_match", "{:.3f}"), ("chrf", "{:.2f}"), ("bleu", "{:.2f}"), ("reference_perplexity", "{:.2f}"),
                    ("stop_hit_rate", "{:.3f}"), ("avg_generated_tokens", "{:.1f}"), ("repetition_rate", "{:.3f}")):
         if k in m:
             parts.append(f"{k} {fmt.format(m[k])}")

@@ -53,7 +53,7 @@ from jobs._config import ConfigError
 from jobs._spark import JobError, entry_point, progress
 from jobs.evaluate import evaluate_schema
 
-TAG_METRICS = ("exact_match", "chrf", "reference_perplexity", "stop_hit_rate", "avg_generated_tokens",
+TAG_METRICS = ("exact_match", "chrf", "bleu", "reference_perplexity", "stop_hit_rate", "avg_generated_tokens",
                "repetition_rate")
 
 

@@ -1,17 +1,19 @@
-"""Quality metrics of generated text (no Spark, no MLflow): exact match, chrF, reference
-perplexity, stop-sequence hit rate, average generated length and repetition rate.
+"""Quality metrics of generated text (no Spark, no MLflow): exact match, chrF and BLEU
+(sacrebleu's), reference perplexity, stop-sequence hit rate, average generated length and
+repetition rate.
 
 Per-row functions return numbers; `summarize` turns rows into the corpus-level figures
-that jobs.evaluate logs. chrF follows sacrebleu's definition (character n-grams 1..6,
-whitespace removed, beta=2, precision and recall averaged over the n-gram orders both
-sides have, then F-beta) and is computed at corpus level from summed statistics, as
-`sacrebleu.corpus_chrf` does.
+that jobs.evaluate logs. chrF is `sacrebleu.metrics.CHRF` with its defaults (character
+n-grams 1..6, whitespace removed, beta=2, precision and recall averaged over the orders
+both sides have); the corpus figure pools the sentences' statistics, as `corpus_score`
+does. BLEU is sacrebleu's corpus BLEU (13a tokenizer); a row's BLEU uses effective order,
+as sacrebleu recommends for sentences.
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
-from collections import Counter
 from dataclasses import dataclass, field
 
 CHRF_ORDER = 6
@@ -27,43 +29,42 @@ def exact_match(prediction: str, reference: str) -> bool:
     return normalize(prediction) == normalize(reference)
 
 
-def _char_ngrams(text: str, n: int) -> Counter:
-    s = "".join(text.split())
-    return Counter(s[i:i + n] for i in range(len(s) - n + 1))
+@functools.lru_cache(maxsize=8)
+def _chrf(order: int = CHRF_ORDER, beta: float = CHRF_BETA):
+    from sacrebleu.metrics import CHRF
+    return CHRF(char_order=order, word_order=0, beta=beta)
+
+
+@functools.lru_cache(maxsize=2)
+def _bleu(sentence: bool):
+    from sacrebleu.metrics import BLEU
+    return BLEU(effective_order=sentence)
 
 
 def chrf_stats(hypothesis: str, reference: str, order: int = CHRF_ORDER) -> list[int]:
-    """[hyp n-grams, ref n-grams, matches] for n = 1..order, flattened (3 * order ints)."""
-    stats = []
-    for n in range(1, order + 1):
-        h, r = _char_ngrams(hypothesis, n), _char_ngrams(reference, n)
-        stats += [sum(h.values()), sum(r.values()), sum((h & r).values())]
-    return stats
+    """sacrebleu's chrF statistics of one pair: [hyp n-grams, ref n-grams, matches] for
+    n = 1..order, flattened (3 * order ints); sum them over rows for the corpus figure."""
+    return list(_chrf(order)._extract_corpus_statistics([hypothesis], [[reference]])[0])
 
 
 def chrf_from_stats(stats: list[int], beta: float = CHRF_BETA) -> float:
     """chrF in 0..100 from (summed) statistics."""
-    order = len(stats) // 3
-    prec = rec = 0.0
-    effective = 0
-    for i in range(order):
-        n_hyp, n_ref, n_match = stats[3 * i:3 * i + 3]
-        if n_hyp > 0 and n_ref > 0:
-            prec += n_match / n_hyp
-            rec += n_match / n_ref
-            effective += 1
-    if effective == 0:
-        return 0.0
-    prec, rec = prec / effective, rec / effective
-    if prec + rec == 0:
-        return 0.0
-    b2 = beta ** 2
-    return 100.0 * (1 + b2) * prec * rec / (b2 * prec + rec)
+    return float(_chrf(len(stats) // 3, beta)._compute_score_from_stats(list(stats)).score)
 
 
 def chrf(hypothesis: str, reference: str, beta: float = CHRF_BETA) -> float:
     """Sentence-level chrF (0..100)."""
-    return chrf_from_stats(chrf_stats(hypothesis, reference), beta)
+    return float(_chrf(CHRF_ORDER, beta).sentence_score(hypothesis, [reference]).score)
+
+
+def bleu(hypothesis: str, reference: str) -> float:
+    """Sentence-level BLEU (0..100, effective order)."""
+    return float(_bleu(True).sentence_score(hypothesis, [reference]).score)
+
+
+def corpus_bleu(hypotheses: list[str], references: list[str]) -> float:
+    """sacrebleu's corpus BLEU (0..100) of aligned hypotheses and references."""
+    return float(_bleu(False).corpus_score(list(hypotheses), [list(references)]).score)
 
 
 def repetition(text: str, n: int = 2) -> tuple[int, int]:
@@ -97,7 +98,7 @@ class RowQuality:
                "repetition_rate": rep / grams if grams else 0.0}
         if self.reference is not None:
             out.update(exact_match=exact_match(self.prediction, self.reference),
-                       chrf=chrf(self.prediction, self.reference))
+                       chrf=chrf(self.prediction, self.reference), bleu=bleu(self.prediction, self.reference))
             if self.reference_logprobs:
                 out.update(reference_tokens=len(self.reference_logprobs),
                            reference_nll=-sum(self.reference_logprobs),
@@ -106,8 +107,8 @@ class RowQuality:
 
 
 def summarize(rows: list[RowQuality]) -> dict:
-    """Corpus-level metrics: rates are shares of rows; chrF and perplexity are pooled over
-    all rows with references (summed n-gram statistics, token-weighted NLL)."""
+    """Corpus-level metrics: rates are shares of rows; chrF, BLEU and perplexity are pooled
+    over all rows with references (summed n-gram statistics, token-weighted NLL)."""
     n = len(rows)
     if n == 0:
         return {"rows": 0}
@@ -127,6 +128,7 @@ def summarize(rows: list[RowQuality]) -> dict:
         out["exact_match"] = sum(exact_match(r.prediction, r.reference) for r in with_ref) / len(with_ref)
         out["chrf"] = chrf_from_stats(stats)
         out["chrf_sentence_mean"] = sum(chrf(r.prediction, r.reference) for r in with_ref) / len(with_ref)
+        out["bleu"] = corpus_bleu([r.prediction for r in with_ref], [r.reference for r in with_ref])
         scored = [lp for r in with_ref for lp in r.reference_logprobs]
         if scored:
             out["reference_tokens"] = len(scored)

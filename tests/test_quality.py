@@ -42,6 +42,21 @@ def test_exact_match_and_repetition():
     assert quality.perplexity([math.log(0.5)] * 3) == pytest.approx(2.0)
 
 
+def test_chrf_and_bleu_are_sacrebleus():
+    """summarize's corpus chrF and BLEU are sacrebleu's corpus_score over the same rows
+    (a row without n-grams of some order must not count its hypothesis n-grams there)."""
+    import sacrebleu
+    hyps = ["cheap yoga mats for kids", "ramen price", "x", "best tea kettles under 100 dollars"]
+    refs = ["cheap yoga mats for kids", "ramen prices", "a b", "tea kettles top rated"]
+    rows = [quality.RowQuality(str(i), h, "stop", 3, reference=r) for i, (h, r) in enumerate(zip(hyps, refs))]
+    m = quality.summarize(rows)
+    assert m["chrf"] == pytest.approx(sacrebleu.corpus_chrf(hyps, [refs]).score)
+    assert m["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score)
+    assert 0.0 < m["bleu"] < 100.0
+    assert quality.bleu("ramen price", "ramen price") == pytest.approx(100.0)
+    assert rows[0].metrics()["bleu"] == pytest.approx(100.0) and rows[2].metrics()["bleu"] == 0.0
+
+
 def test_summarize_tiny_example():
     rows = [
         quality.RowQuality("1", "Paris", "stop", 2, reference="Paris", reference_logprobs=[math.log(0.5)]),
