@@ -144,7 +144,7 @@ def storage_dtypes(ckpt) -> str:
     """The tensors' storage types, e.g. 'Q4_1:210,F32:61,Q8_0:1' or 'F32:30'."""
     c: Counter = Counter()
     if ckpt.gguf_file:
-        for t in ckpt._reader.tensors:
+        for t in ckpt.reader.tensors:
             c[t.tensor_type.name] += 1
     else:
         from safetensors import safe_open

@@ -17,7 +17,7 @@ import torch
 
 from ..models import Family, family, family_for_hf
 from ..models.config import ModelConfig, ModelLoadError
-from . import gguf, safetensors
+from . import gguf, safetensors, weight_cache
 
 def resolve(path: str | os.PathLike | None, gguf_file: str | None = None) -> tuple[Path, str | None]:
     """Return (directory, gguf file or None); `path` may also point at a .gguf file itself,
@@ -45,11 +45,13 @@ def resolve(path: str | os.PathLike | None, gguf_file: str | None = None) -> tup
 
 @dataclass
 class Checkpoint:
-    """An opened checkpoint: its config, its family and a lazy stream of (name, tensor getter)."""
+    """An opened checkpoint: its config, its family and a lazy stream of (name, tensor getter).
+    A GGUF's dequantised weights come from the weight cache (weight_cache.py) once built."""
     folder: Path
     gguf_file: str | None
     config: ModelConfig
     _reader: object = None
+    _cached: Path | None = None           # the weight-cache file when it holds this GGUF
 
     @property
     def family(self) -> Family:
@@ -59,6 +61,12 @@ class Checkpoint:
     def open(cls, path, gguf_file: str | None = None) -> "Checkpoint":
         folder, gguf_file = resolve(path, gguf_file)
         if gguf_file:
+            ckpt = cls(folder, gguf_file, None)
+            if weight_cache.enabled():
+                cached = weight_cache.path_for(ckpt.fingerprint())
+                config = weight_cache.read_config(cached)
+                if config is not None:
+                    return cls(folder, gguf_file, config, None, cached)
             reader = gguf.reader(folder / gguf_file)
             _, config = gguf.open_gguf(reader)
             return cls(folder, gguf_file, config, reader)
@@ -68,10 +76,24 @@ class Checkpoint:
             raise ModelLoadError(f"cannot read {folder / 'config.json'}: {e}") from e
         return cls(folder, None, family_for_hf(cfg).parse_hf(cfg))
 
+    @property
+    def reader(self):
+        """The GGUF reader (opened on first use when the config came from the weight cache)."""
+        if self._reader is None:
+            self._reader = gguf.reader(self.folder / self.gguf_file)
+        return self._reader
+
     def tensors(self) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
-        if self.gguf_file:
-            return gguf.tensors(self._reader, self.family, self.config)
-        return safetensors.tensors(self.folder, self.family)
+        if not self.gguf_file:
+            return safetensors.tensors(self.folder, self.family)
+        if self._cached is None and weight_cache.enabled():
+            cached = weight_cache.path_for(self.fingerprint())
+            weight_cache.write(cached, self.config, gguf.tensors(self.reader, self.family, self.config))
+            if cached.is_file():
+                self._cached = cached
+        if self._cached is not None:
+            return weight_cache.tensors(self._cached)
+        return gguf.tensors(self.reader, self.family, self.config)
 
     @property
     def files(self) -> list[Path]:
