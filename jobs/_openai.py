@@ -61,13 +61,14 @@ class OpenAIError(Exception):
              429: "rate_limit_error", 500: "server_error", 503: "server_error"}
 
     def __init__(self, status: int, message: str, param: Optional[str] = None, type: Optional[str] = None,
-                 code: Optional[str] = None):
+                 code: Optional[str] = None, headers: Optional[dict] = None):
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.type = type or self.TYPES.get(status, "invalid_request_error")
         self.code = code
+        self.headers = headers             # HTTP headers to send with it (Retry-After for a 429)
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}

@@ -1,4 +1,5 @@
-"""jobs.playground: try prompts with every generation parameter before a batch job.
+"""jobs.playground: try prompts with every generation parameter before a batch job, and
+serve the same generator to OpenAI clients.
 
     python -m jobs.playground model=smollm2_135m host=127.0.0.1 port=8000
 
@@ -9,11 +10,27 @@ override line for jobs.pipeline.
 
     POST /v1/generate    prompt(s) + any GenerationParams field -> candidates, token counts, timings
     POST /v1/overrides   a parameter set -> the `generation.*=...` override line for jobs.pipeline
-    GET  /v1/models  /v1/presets  /healthz  /docs (OpenAPI)  /  (the web page, jobs/static/)
+    GET  /v1/presets  /healthz  /docs (OpenAPI)  /  (the web page, jobs/static/)
+
+OpenAI's API on the same queue (formats in jobs/_openai.py), so an unmodified `openai`
+client with base_url=http://H:P/v1 works:
+
+    POST /v1/completions  POST /v1/chat/completions   stream=true: server-sent events
+    GET  /v1/models  /v1/models/{id}                 OpenAI's list shape (+ our model facts)
+
+Errors on the OpenAI routes are OpenAI's `{"error": {message, type, param, code}}`: 400
+naming the parameter, 401 without the key, 404 for another model's name, 429 when the
+queue is full. With `api_key` (or LIBINFER_API_KEY) every /v1/* route needs
+`Authorization: Bearer KEY` (the page asks for it); the page, its files, /healthz and
+/docs stay open. A host other than loopback is refused without a key unless
+`allow_unauthenticated=true`.
 
 The generator is not thread-safe and holds one KV cache, so requests go through a bounded
 queue to a single worker thread: concurrent users wait their turn, and past `max_queue`
-waiting requests they get HTTP 429 instead of piling up memory.
+waiting requests they get HTTP 429 instead of piling up memory. Streaming uses the
+generator's on_token callback: tokens cross from the worker thread to the event loop as
+they are drawn. A client that goes away mid-stream does not stop its generation (the
+generator has no cancel); it finishes in the worker and is dropped.
 """
 from __future__ import annotations
 
@@ -25,22 +42,28 @@ if not __package__:  # run as a file: import as jobs.*
 import asyncio
 import contextlib
 import dataclasses
+import hmac
+import ipaddress
 import json
 import logging
+import os
 import re
 import time
 import typing
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import hydra
+from fastapi import Request           # a route's annotation: FastAPI resolves it in this module
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
+from jobs import _openai
 from jobs._config import ConfigError, GenerationConf, MlflowConf, ModelConf, validate
+from jobs._openai import OpenAIError
 from libinfer import PRESETS, GenerationParams, ParamError
 
 log = logging.getLogger("jobs.playground")
@@ -63,6 +86,8 @@ class PlaygroundConf:
     max_out_seq_length: int = 1024     # keeps one request from holding the generator for minutes
     max_prompt_chars: int = 100_000    # rejected before tokenizing; the token limit is the model context
     threads: int = 0                   # torch threads; 0 = torch's default
+    api_key: Optional[str] = None      # /v1/* need `Authorization: Bearer KEY`; null: $LIBINFER_API_KEY, else none
+    allow_unauthenticated: bool = False   # serve a non-loopback host without a key anyway
 
 
 ConfigStore.instance().store(name="playground_schema", node=PlaygroundConf)
@@ -77,6 +102,23 @@ def check_config(cfg) -> None:
     for key in ("max_prompts", "max_n", "max_out_seq_length", "max_prompt_chars"):
         if cfg[key] < 1:
             raise ConfigError(key, f"must be >= 1 (got {cfg[key]})")
+    if not api_key(cfg) and not is_loopback(cfg.host) and not cfg.allow_unauthenticated:
+        raise ConfigError("host", f"{cfg.host} is reachable from other machines and no api_key is set: set "
+                                  "api_key=... (or LIBINFER_API_KEY), or allow_unauthenticated=true to serve it open")
+
+
+def api_key(cfg) -> Optional[str]:
+    """The configured key, else $LIBINFER_API_KEY (as vLLM's --api-key / VLLM_API_KEY); '' = none."""
+    return cfg.get("api_key") or os.environ.get("LIBINFER_API_KEY") or None
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:          # a host name: it may resolve anywhere
+        return False
 
 
 # ------------------------------------------------------------------ API schema
@@ -96,19 +138,21 @@ HELP = {
     "min_tokens": "EOS and stop sequences are ignored before this many tokens",
     "seed": "random seed; null = a fresh one per request",
     "n": "candidates per prompt",
+    "logprobs": "null = off; k = each token's log-probability and the k most likely tokens (0-20)",
+    "guided_json": "structured output: every completion validates against this JSON schema (object or JSON text)",
+    "guided_regex": "structured output: every completion matches this regular expression in full",
+    "guided_choice": "structured output: every completion is one of these strings",
 }
 PARAM_NAMES = [f.name for f in dataclasses.fields(GenerationParams)]
 
 
 
-def _api_type(hint):
-    """JSON has lists, not tuples: stop_sequences is a list in the API."""
-    return list[typing.get_args(hint)[0]] if typing.get_origin(hint) is tuple else hint
-
+# JSON has lists, not tuples; a schema is an object or its JSON text.
+API_TYPES = {"stop_sequences": list[str], "guided_choice": list[str], "guided_json": Union[str, dict[str, Any]]}
 
 # Every GenerationParams field, optional (a missing one comes from the preset or the server's
 # `generation` config). Strict types: "0.5" or "yes" are errors, not silently converted.
-_hints = {k: _api_type(v) for k, v in typing.get_type_hints(GenerationParams).items()}
+_hints = {k: API_TYPES.get(k, v) for k, v in typing.get_type_hints(GenerationParams).items()}
 ParamsRequest = create_model(
     "ParamsRequest",
     __config__=ConfigDict(extra="forbid", strict=True),
@@ -123,11 +167,22 @@ class GenerateRequest(ParamsRequest):
     prompts: Optional[list[str]] = Field(None, description="several prompts, generated as one batch")
 
 
+class TopLogprob(BaseModel):
+    token_id: int
+    token: str
+    logprob: float
+
+
+class TokenLogprob(TopLogprob):
+    top: list[TopLogprob]              # the `logprobs` most likely tokens at that step
+
+
 class Candidate(BaseModel):
     text: str
     token_ids: list[int]
     finish_reason: str                 # stop | eos | length
     generated_tokens: int
+    logprobs: Optional[list[TokenLogprob]] = None    # one per token id, when `logprobs` is set
 
 
 class PromptResult(BaseModel):
@@ -227,23 +282,24 @@ class GeneratorQueue:
     def waiting(self) -> int:
         return max(0, self.admitted - int(self.running))
 
-    async def run(self, prompts: list[str], params: GenerationParams):
-        """(results, seconds waited in the queue); QueueFull when `max_queue` are waiting."""
+    async def run(self, prompts: list, params: GenerationParams, on_token=None):
+        """(results, seconds waited in the queue); QueueFull when `max_queue` are waiting.
+        on_token(TokenEvent) is called in the worker thread after every token (streaming)."""
         if self.admitted >= self.limit:
             raise QueueFull(f"the generator is busy: {self.admitted - 1} requests are waiting (max_queue)")
         loop = asyncio.get_running_loop()
         self.admitted += 1
         t0 = time.perf_counter()
-        fut = self._pool.submit(self._work, prompts, params, t0)
+        fut = self._pool.submit(self._work, prompts, params, t0, on_token)
         # Released when the work itself ends, even if the client has gone away meanwhile.
         fut.add_done_callback(lambda _: self._release_soon(loop))
         return await asyncio.wrap_future(fut)
 
-    def _work(self, prompts, params, t_submit):
+    def _work(self, prompts, params, t_submit, on_token=None):
         waited = time.perf_counter() - t_submit
         self.running = True
         try:
-            return self.generator.generate(prompts, params), waited
+            return self.generator.generate(prompts, params, on_token=on_token), waited
         finally:
             self.running = False
             self.served += 1
@@ -272,12 +328,14 @@ def unprocessable(loc: list, msg: str):
 def create_app(cfg, generator, model_name: Optional[str] = None):
     """The FastAPI app around one loaded generator; `cfg` is the composed playground config."""
     from fastapi import FastAPI, HTTPException
-    from fastapi.responses import FileResponse
+    from fastapi.responses import FileResponse, JSONResponse
     from fastapi.staticfiles import StaticFiles
 
     name = model_name or cfg.model.name
     server_params = GenerationParams.from_dict(OmegaConf.to_container(cfg.generation, resolve=True))
     queue = GeneratorQueue(generator, cfg.max_queue)
+    key = api_key(cfg)
+    created = int(time.time())
     mlflow_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow")
 
     @contextlib.asynccontextmanager
@@ -291,6 +349,25 @@ def create_app(cfg, generator, model_name: Optional[str] = None):
                               "jobs.pipeline. Requests share one generator through a bounded queue.")
     app.state.queue = queue
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.exception_handler(OpenAIError)
+    async def openai_error(request, e: OpenAIError):
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    if key:
+        @app.middleware("http")
+        async def require_key(request, call_next):
+            """Every /v1/* route needs the key; the page, its files, /healthz and /docs do not
+            (the page asks for the key and sends it on its own /v1 calls)."""
+            if request.url.path.startswith("/v1/"):
+                given = request.headers.get("authorization", "")
+                scheme, _, token = given.partition(" ")
+                if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+                    e = OpenAIError(401, "Incorrect or missing API key: send `Authorization: Bearer <api_key>`",
+                                    code="invalid_api_key")
+                    return JSONResponse({**e.body(), "detail": e.message}, status_code=401,
+                                        headers={"WWW-Authenticate": "Bearer"})
+            return await call_next(request)
 
     def resolve_params(req) -> GenerationParams:
         given = req.model_dump(exclude_unset=True, include=set(PARAM_NAMES))
@@ -330,17 +407,27 @@ def create_app(cfg, generator, model_name: Optional[str] = None):
     @app.get("/healthz")
     def healthz():
         return {"status": "ok", "model": name, "running": queue.running, "waiting": queue.waiting,
-                "max_queue": cfg.max_queue, "served": queue.served}
+                "max_queue": cfg.max_queue, "served": queue.served, "auth": bool(key)}
 
-    @app.get("/v1/models")
-    def models():
+    def model_card() -> dict:
+        """OpenAI's model object (id, object, created, owned_by), then what the page shows."""
         c = generator.config
-        return {"object": "list", "data": [{
-            "id": name, "object": "model", "path": cfg.model.path, "gguf_file": cfg.model.gguf_file,
+        return {
+            "id": name, "object": "model", "created": created, "owned_by": "libinfer",
+            "path": cfg.model.path, "gguf_file": cfg.model.gguf_file,
             "arch": c.arch, "n_params": c.n_params, "n_layers": c.n_layers, "hidden_size": c.hidden_size,
             "vocab_size": c.vocab_size, "max_model_len": generator.max_model_len, "dtype": str(generator.dtype).removeprefix("torch."),
             "device": str(generator.device), "tp_size": cfg.model.tp_size,
-            "load_s": round(generator.load_s, 3), "warmup_s": round(generator.warmup_s, 3)}]}
+            "load_s": round(generator.load_s, 3), "warmup_s": round(generator.warmup_s, 3)}
+
+    @app.get("/v1/models")
+    def models():
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    def model(model_id: str):
+        check_model(model_id, name)
+        return model_card()
 
     @app.get("/v1/presets")
     def presets():
@@ -361,8 +448,9 @@ def create_app(cfg, generator, model_name: Optional[str] = None):
         t0 = time.perf_counter()
         try:
             results, waited = await queue.run(prompts, params)
-        except QueueFull as e:
-            raise HTTPException(429, detail=str(e), headers={"Retry-After": "1"}) from None
+        except QueueFull as e:     # FastAPI's `detail` for the page, OpenAI's `error` for clients
+            return JSONResponse({"detail": str(e), **OpenAIError(429, str(e), code="rate_limit_exceeded").body()},
+                                status_code=429, headers={"Retry-After": "1"})
         except Exception as e:  # noqa: BLE001 - say what failed instead of a bare 500
             log.exception("generation failed")
             raise HTTPException(500, detail=f"generation failed: {type(e).__name__}: {e}") from None
@@ -371,22 +459,179 @@ def create_app(cfg, generator, model_name: Optional[str] = None):
         if rejected:
             loc, error = rejected[0]
             raise unprocessable(loc, error)
-        response = build_response(name, params, results, waited, latency)
+        response = build_response(name, params, results, waited, latency, generator.tokenizer)
         if cfg.mlflow.enabled:
             loop = asyncio.get_running_loop()
             response.mlflow_run_id = await loop.run_in_executor(mlflow_pool, log_to_mlflow, cfg, params, response)
         return response
 
+    add_openai_routes(app, cfg, queue, generator, name)
     return app
 
 
-def build_response(model: str, params: GenerationParams, results, waited: float, latency: float) -> GenerateResponse:
+# ------------------------------------------------------------ the OpenAI routes
+
+def check_model(requested: Optional[str], served: str) -> None:
+    """One model per server: another name is a 404 (OpenAI's and vLLM's answer); none means ours."""
+    if requested and requested != served:
+        raise OpenAIError(404, f"The model `{requested}` does not exist; this server serves `{served}`",
+                          param="model", code="model_not_found")
+
+
+def add_openai_routes(app, cfg, queue: GeneratorQueue, generator, name: str) -> None:
+    """POST /v1/completions and /v1/chat/completions on the playground's queue."""
+    from fastapi.responses import StreamingResponse
+
+    tokenizer = generator.tokenizer
+    done = object()                     # end of a stream's events
+
+    def prepare(url: str, body) -> tuple:
+        """The parsed request and the generator's prompts, within this server's limits."""
+        kind = _openai.ENDPOINTS[url]
+        req = _openai.parse_body(url, body, default_max_tokens=cfg.max_out_seq_length if kind == "chat" else None)
+        check_model(req.model, name)
+        p = req.params
+        tokens_param = "max_tokens" if kind == "completions" or "max_completion_tokens" not in body else \
+            "max_completion_tokens"
+        if p.n > cfg.max_n:
+            raise _openai.bad("n", f"at most {cfg.max_n} choices per prompt here (max_n; got {p.n})")
+        if p.out_seq_length > cfg.max_out_seq_length:
+            raise _openai.bad(tokens_param, f"at most {cfg.max_out_seq_length} tokens here "
+                                            f"(max_out_seq_length; got {p.out_seq_length})")
+        where = "prompt" if kind == "completions" else "messages"
+        if req.n_prompts > cfg.max_prompts:
+            raise _openai.bad(where, f"at most {cfg.max_prompts} prompts per request here (max_prompts; "
+                                     f"got {req.n_prompts})")
+        chars = sum(len(m["content"]) for m in req.prompt) if kind == "chat" else \
+            max(len(x) for x in _openai._completion_prompts(req.prompt))
+        if chars > cfg.max_prompt_chars:
+            raise _openai.bad(where, f"too long: {chars} characters, at most {cfg.max_prompt_chars} (max_prompt_chars)")
+        inputs = _openai.prompt_inputs(req, tokenizer)
+        if kind == "chat" and not req.max_tokens_set:       # no max_tokens: up to the context, as vLLM does
+            room = generator.max_model_len - len(inputs[0]) - len(tokenizer(p.start, add_special_tokens=False).input_ids)
+            if 1 <= room < p.out_seq_length:
+                try:
+                    req.params = p.replace(out_seq_length=room)
+                except ParamError as e:
+                    raise _openai.bad(e.field, str(e).split(": ", 1)[-1]) from None
+        return req, inputs
+
+    async def read_body(request: Request):
+        try:
+            return await request.json()
+        except ValueError:
+            raise OpenAIError(400, "We could not parse the JSON body of your request.") from None
+
+    async def run(req, inputs, on_token=None):
+        try:
+            return (await queue.run(inputs, req.params, on_token))[0]
+        except QueueFull as e:
+            raise OpenAIError(429, str(e), code="rate_limit_exceeded", headers={"Retry-After": "1"}) from None
+        except Exception as e:  # noqa: BLE001 - say what failed instead of a bare 500
+            log.exception("generation failed")
+            raise OpenAIError(500, f"generation failed: {type(e).__name__}: {e}") from None
+
+    async def endpoint(request: Request):
+        url = request.url.path
+        req, inputs = prepare(url, await read_body(request))
+        request_id, created = _openai.new_request_id(req.kind), int(time.time())
+        if req.stream:
+            return await stream(req, inputs, request_id, created)
+        results = await run(req, inputs)
+        error = _openai.row_error(req, results)
+        if error is not None:
+            raise error
+        return _openai.response_body(req, results, name, tokenizer, request_id, created)
+
+    async def stream(req, inputs, request_id: str, created: int):
+        """Server-sent events. Generation starts before the response does: a full queue or a
+        prompt the generator rejects is still an HTTP error, not a broken stream."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        task = asyncio.ensure_future(run(req, inputs, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev)))
+        # Token events are queued by the worker before the call returns, so `done` comes last.
+        task.add_done_callback(lambda _: events.put_nowait(done))
+        first = await events.get()
+        if first is done:
+            results = task.result()                              # raises OpenAIError (429, 500)
+            error = _openai.row_error(req, results)
+            if error is not None:
+                raise error
+        return StreamingResponse(sse(req, first, events, task, request_id, created), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def sse(req, first, events, task, request_id, created):
+        def data(obj) -> str:
+            return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+        def chunk(index, **kw) -> str:
+            return data(_openai.chunk_body(req, request_id, created, name, index, **kw))
+
+        n, with_logprobs = req.params.n, req.params.logprobs is not None
+        if req.kind == "chat":                                   # each choice's first delta names the role
+            for index in range(req.n_prompts * n):
+                yield chunk(index, role=True)
+        texts: dict[int, _openai.TextStream] = {}
+        held: dict[int, tuple[str, str]] = {}                    # index -> (last text, finish) until logprobs
+        item = first
+        while item is not done:
+            index = item.index * n + item.candidate
+            ts = texts.setdefault(index, _openai.TextStream(generator.decode_text, req.params))
+            if item.finish_reason is None:
+                delta = ts.push(item.token_id)
+                if delta:
+                    yield chunk(index, text=delta)
+            elif with_logprobs:       # the logprobs are in the finished output: the choice ends with the call
+                held[index] = (ts.finish(item.text), item.finish_reason)
+            else:
+                yield chunk(index, text=ts.finish(item.text), finish_reason=item.finish_reason)
+            item = await events.get()
+        try:
+            results = task.result()
+        except OpenAIError as e:
+            yield data(e.body())
+            return
+        error = _openai.row_error(req, results)
+        if error is not None:                                    # another prompt of the request was rejected
+            yield data(error.body())
+            return
+        for r in results:
+            for j in range(len(r.outputs)):
+                index = r.index * n + j
+                if index in held:
+                    text, reason = held[index]
+                    yield chunk(index, text=text, finish_reason=reason,
+                                logprobs=_openai.choice_logprobs(req, r, j, tokenizer))
+        if req.include_usage:
+            yield data(_openai.usage_chunk(req, request_id, created, name, results))
+        yield "data: [DONE]\n\n"
+
+    for url in _openai.ENDPOINTS:
+        app.add_api_route(url, endpoint, methods=["POST"], summary=f"OpenAI {_openai.ENDPOINTS[url]} (jobs/_openai.py)",
+                          responses={400: {"description": "a bad value; `error.param` names it"},
+                                     401: {"description": "missing or wrong API key"},
+                                     404: {"description": "another model's name"},
+                                     429: {"description": "the queue is full; retry later"}})
+
+
+def build_response(model: str, params: GenerationParams, results, waited: float, latency: float,
+                   tokenizer=None) -> GenerateResponse:
     m = results.metrics
+    text = _openai.TokenText(tokenizer).text if tokenizer is not None else str
+
+    def logprobs(o):
+        if o.logprobs is None:
+            return None
+        return [TokenLogprob(token_id=t.token_id, token=text(t.token_id), logprob=t.logprob,
+                             top=[TopLogprob(token_id=i, token=text(i), logprob=lp) for i, lp in t.top])
+                for t in o.logprobs]
+
     return GenerateResponse(
         model=model, params=params.to_dict(), hydra_overrides=hydra_overrides(params),
         results=[PromptResult(index=r.index, prompt=r.prompt, prompt_tokens=len(r.prompt_token_ids),
                               candidates=[Candidate(text=o.text, token_ids=o.token_ids, finish_reason=o.finish_reason,
-                                                    generated_tokens=len(o.token_ids)) for o in r.outputs])
+                                                    generated_tokens=len(o.token_ids), logprobs=logprobs(o))
+                                          for o in r.outputs])
                  for r in results],
         usage=Usage(prompt_tokens=m.prompt_tokens, generated_tokens=m.generated_tokens),
         timings=Timings(queue_s=waited, ttft_s=min(m.ttft_s) if m.ttft_s else None, generate_s=m.wall_s,
