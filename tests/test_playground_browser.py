@@ -1,7 +1,9 @@
 """The playground page in headless Chromium (Selenium), on the real bundled model with
 MLflow logging on: fill the form, Generate, and find a row with the right parameters in the
 results table; copy the Hydra override line and check that jobs.pipeline would run exactly
-that parameter set. Leaves a screenshot in artifacts/playground.png."""
+that parameter set; structured output and logprobs from the form. Leaves a screenshot in
+artifacts/playground.png. Then the page on a server with an API key (tiny model): it asks
+for the key and works once given it."""
 from __future__ import annotations
 
 import dataclasses
@@ -62,7 +64,7 @@ def set_checked(driver, element_id: str, checked: bool) -> None:
 
 
 def rows(driver):
-    return driver.find_elements("css selector", "#results tbody tr")
+    return driver.find_elements("css selector", "#results > tbody > tr")      # not the logprobs tables inside
 
 
 def generate_and_wait(driver, n_rows_before: int):
@@ -131,9 +133,6 @@ def test_playground_in_a_browser(server, browser):
     line = d.find_element("id", "overrides").get_attribute("value")
     assert pipeline_generation(line) == run2
 
-    os.makedirs(os.path.dirname(SCREENSHOT), exist_ok=True)
-    assert d.save_screenshot(SCREENSHOT)
-
     # A bad value: the server's message names the field; no row is added.
     set_value(d, "top_p", "2")
     d.find_element("id", "generate").click()
@@ -141,16 +140,61 @@ def test_playground_in_a_browser(server, browser):
     assert len(rows(d)) == 2
     set_value(d, "top_p", "0.8")
 
+    # Run 3: structured output (a choice) with logprobs: the answer is one of the choices and
+    # its tokens are listed with their log-probabilities.
+    Select(d.find_element("id", "preset")).select_by_value("test1")
+    set_value(d, "out_seq_length", "8")
+    set_value(d, "logprobs", "2")
+    set_value(d, "guided_choice", '["Paris", "London"]')
+    row = generate_and_wait(d, 2)
+    run3 = PRESETS["test1"].replace(out_seq_length=8, logprobs=2, guided_choice=["Paris", "London"])
+    assert json.loads(row.get_attribute("data-params")) == run3.to_dict()
+    assert cell(row, "p-guide") == 'choice: ["Paris","London"]' and cell(row, "p-logprobs") == "2"
+    cand = row.find_element("css selector", "td.output .cand")
+    assert cand.text.split(" [")[0] in ("Paris", "London"), cand.text
+    cand.find_element("css selector", "details.logprobs summary").click()
+    lp_rows = cand.find_elements("css selector", "table.lp tr")
+    n_tokens = int(cand.find_element("css selector", ".reason").text.split(", ")[1].split()[0])
+    assert len(lp_rows) == n_tokens >= 1 and float(lp_rows[0].find_elements("tag name", "td")[1].text) <= 0
+    assert not d.find_element("id", "api_key").is_displayed()      # this server has no key
+    os.makedirs(os.path.dirname(SCREENSHOT), exist_ok=True)
+    assert d.save_screenshot(SCREENSHOT)
+    set_value(d, "guided_choice", "")
+    set_value(d, "logprobs", "")
 
-    # MLflow: one run per Generate (the two from the page and the API call), pipeline-style params.
+    # MLflow: one run per Generate (the three from the page and the API call), pipeline-style params.
     import mlflow
     client = mlflow.MlflowClient(tracking_uri=mlflow_uri)
     exp = client.get_experiment_by_name("playground-test")
     runs = client.search_runs([exp.experiment_id])
-    assert len(runs) == 3
-    assert sorted(r.data.params["generation.out_seq_length"] for r in runs) == ["12", "8", "8"]
+    assert len(runs) == 4
+    assert sorted(r.data.params["generation.out_seq_length"] for r in runs) == ["12", "8", "8", "8"]
     latest = max(runs, key=lambda r: r.info.start_time)
     assert latest.data.tags["job"] == "playground" and latest.data.metrics["generated_tokens"] > 0
     outputs = os.path.join(mlflow.artifacts.download_artifacts(run_id=latest.info.run_id, tracking_uri=mlflow_uri,
                                                                artifact_path="outputs.json"))
     assert json.load(open(outputs))[0]["prompt"] == PROMPT
+
+
+@pytest.fixture(scope="module")
+def keyed_server(job_env, tiny_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("playground_browser_key")
+    with playground_server(job_env["env"], "model=tiny_random", "api_key=sk-page-test",
+                           log_path=root / "server.log") as url:
+        yield url
+
+
+def test_page_asks_for_the_api_key(keyed_server, browser):
+    from selenium.webdriver.support.ui import WebDriverWait
+    d = browser
+    d.get(keyed_server + "/")
+    WebDriverWait(d, 30).until(lambda d: "API key" in d.find_element("id", "status").text)
+    assert d.find_element("id", "api_key").is_displayed() and "error" in d.find_element("id", "status").get_attribute("class")
+    set_value(d, "api_key", "sk-page-test")
+    d.find_element("id", "prompt").click()                  # leaving the field sends `change`
+    WebDriverWait(d, 30).until(lambda d: d.find_element("tag name", "body").get_attribute("data-ready") == "1")
+    assert "tiny_random" in d.find_element("id", "model").text
+    set_value(d, "prompt", PROMPT)
+    set_value(d, "out_seq_length", "4")
+    row = generate_and_wait(d, 0)
+    assert json.loads(row.get_attribute("data-params"))["out_seq_length"] == 4

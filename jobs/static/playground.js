@@ -4,11 +4,12 @@
 "use strict";
 
 const FLOATS = ["temperature", "top_p", "repetition_penalty"];
-const INTS = ["out_seq_length", "top_k", "n", "min_tokens", "seed"];
+const INTS = ["out_seq_length", "top_k", "n", "min_tokens", "seed", "logprobs"];
 const BOOLS = ["recompute", "greedy", "ignore_eos"];
 const TEXTS = ["start", "restart"];           // \n, \t, \r and \\ are escapes
 const COLUMNS = ["temperature", "out_seq_length", "recompute", "greedy", "top_p", "top_k", "repetition_penalty",
-                 "stop_sequences", "start", "restart", "n", "seed", "min_tokens", "ignore_eos"];
+                 "stop_sequences", "start", "restart", "n", "seed", "min_tokens", "ignore_eos", "logprobs"];
+const GUIDES = {guided_json: "json", guided_regex: "regex", guided_choice: "choice"};
 const $ = (id) => document.getElementById(id);
 let presets = {};
 let runs = 0;
@@ -30,13 +31,19 @@ function readParams() {
   }
   for (const k of BOOLS) p[k] = $(k).checked;
   for (const k of TEXTS) p[k] = unescapeText($(k).value);
-  const stop = $("stop_sequences").value.trim();
-  try {
-    p.stop_sequences = stop === "" ? [] : JSON.parse(stop);
-  } catch (e) {
-    p.stop_sequences = stop;  // the server answers: stop_sequences must be a list
-  }
+  p.stop_sequences = jsonOr($("stop_sequences").value, []);   // not JSON: sent as is, the server says why
+  // Structured output: empty = off. The schema and the regex go as typed (the server parses them).
+  const schema = $("guided_json").value.trim(), regex = $("guided_regex").value;
+  p.guided_json = schema === "" ? null : schema;
+  p.guided_regex = regex === "" ? null : regex;
+  p.guided_choice = jsonOr($("guided_choice").value, null);
   return p;
+}
+
+function jsonOr(text, empty) {
+  const t = text.trim();
+  if (t === "") return empty;
+  try { return JSON.parse(t); } catch (e) { return t; }
 }
 
 function fillForm(p) {
@@ -44,6 +51,9 @@ function fillForm(p) {
   for (const k of BOOLS) $(k).checked = !!p[k];
   for (const k of TEXTS) $(k).value = escapeText(p[k] || "");
   $("stop_sequences").value = JSON.stringify(p.stop_sequences || []);
+  $("guided_json").value = p.guided_json ? JSON.stringify(JSON.parse(p.guided_json), null, 1) : "";
+  $("guided_regex").value = p.guided_regex || "";
+  $("guided_choice").value = p.guided_choice ? JSON.stringify(p.guided_choice) : "";
 }
 
 function showStatus(msg, error) {
@@ -55,15 +65,27 @@ function showStatus(msg, error) {
 async function errorText(resp) {
   let body;
   try { body = await resp.json(); } catch (e) { return `HTTP ${resp.status}`; }
-  const d = body.detail;
+  if (resp.status === 401) { $("auth").hidden = false; return "this server needs its API key: enter it above"; }
+  const d = body.detail || (body.error && body.error.message);
   if (Array.isArray(d)) {
     return d.map((e) => `${e.loc.filter((x) => x !== "body").join(".")}: ${e.msg}`).join("; ");
   }
   return `HTTP ${resp.status}: ${d}`;
 }
 
+// The API key (only when the server has one) lives in this tab's sessionStorage, sent on every /v1 call.
+function authHeaders() {
+  const key = sessionStorage.getItem("api_key");
+  return key ? {"Authorization": `Bearer ${key}`} : {};
+}
+
+async function get(url) {
+  return fetch(url, {headers: authHeaders()});
+}
+
 async function post(url, body) {
-  return fetch(url, {method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body)});
+  return fetch(url, {method: "POST", headers: {"Content-Type": "application/json", ...authHeaders()},
+                     body: JSON.stringify(body)});
 }
 
 function cell(tr, cls, content) {
@@ -72,6 +94,31 @@ function cell(tr, cls, content) {
   if (content instanceof Node) td.appendChild(content); else td.textContent = content;
   tr.appendChild(td);
   return td;
+}
+
+function showGuide(p) {
+  for (const [k, label] of Object.entries(GUIDES)) {
+    if (p[k] !== null && p[k] !== undefined) return `${label}: ${typeof p[k] === "string" ? p[k] : JSON.stringify(p[k])}`;
+  }
+  return "-";
+}
+
+// A candidate's tokens with their log-probability and the most likely alternatives.
+function logprobTable(lps) {
+  const box = document.createElement("details");
+  box.className = "logprobs";
+  const sum = lps.reduce((a, t) => a + t.logprob, 0);
+  box.innerHTML = `<summary>logprobs (sum ${sum.toFixed(2)})</summary>`;
+  const table = document.createElement("table");
+  table.className = "lp";
+  for (const t of lps) {
+    const tr = table.insertRow();
+    tr.insertCell().textContent = JSON.stringify(t.token);
+    tr.insertCell().textContent = t.logprob.toFixed(3);
+    tr.insertCell().textContent = t.top.map((x) => `${JSON.stringify(x.token)} ${x.logprob.toFixed(2)}`).join("  ");
+  }
+  box.appendChild(table);
+  return box;
 }
 
 function showParam(k, v) {
@@ -96,10 +143,12 @@ function addRow(prompt, data) {
     r.className = "reason";
     r.textContent = ` [${c.finish_reason}, ${c.generated_tokens} tok]`;
     d.appendChild(r);
+    if (c.logprobs) d.appendChild(logprobTable(c.logprobs));
     out.appendChild(d);
   }
   cell(tr, "output", out);
   for (const k of COLUMNS) cell(tr, "p-" + k, showParam(k, data.params[k]));
+  cell(tr, "p-guide", showGuide(data.params));
   const t = data.timings;
   cell(tr, "tokens", `${data.usage.prompt_tokens}/${data.usage.generated_tokens}`);
   cell(tr, "ttft", t.ttft_s === null ? "-" : `${(1000 * t.ttft_s).toFixed(0)} ms`);
@@ -153,15 +202,27 @@ async function copyOverrides() {
   }
 }
 
-async function init() {
-  presets = await (await fetch("/v1/presets")).json();
+// The model and the presets; with a key-protected server this waits for the key.
+async function load() {
+  const [pr, mr] = [await get("/v1/presets"), await get("/v1/models")];
+  if (!pr.ok || !mr.ok) { showStatus(await errorText(pr.ok ? mr : pr), true); return; }
+  presets = await pr.json();
   fillForm(presets.server);
-  const m = (await (await fetch("/v1/models")).json()).data[0];
+  const m = (await mr.json()).data[0];
   $("model").textContent = `model ${m.id} (${m.arch}, ${(m.n_params / 1e6).toFixed(1)}M params, ${m.dtype}, ${m.device}, context ${m.max_model_len})`;
+  showStatus("");
+  document.body.dataset.ready = "1";
+}
+
+async function init() {
+  const health = await (await fetch("/healthz")).json();
+  $("auth").hidden = !health.auth;
+  $("api_key").value = sessionStorage.getItem("api_key") || "";
+  $("api_key").onchange = () => { sessionStorage.setItem("api_key", $("api_key").value.trim()); load(); };
   $("preset").onchange = () => fillForm(presets[$("preset").value]);
   $("form").onsubmit = generate;
   $("copy-overrides").onclick = copyOverrides;
-  document.body.dataset.ready = "1";
+  await load();
 }
 
 init();
