@@ -62,7 +62,7 @@ from omegaconf import OmegaConf
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from jobs import _openai
-from jobs._config import ConfigError, GenerationConf, MlflowConf, ModelConf, validate
+from jobs._config import ConfigError, GenerationConf, MlflowConf, ModelConf, generation_params, validate
 from jobs._openai import OpenAIError
 from libinfer import PRESETS, GenerationParams, ParamError
 
@@ -332,7 +332,7 @@ def create_app(cfg, generator, model_name: Optional[str] = None):
     from fastapi.staticfiles import StaticFiles
 
     name = model_name or cfg.model.name
-    server_params = GenerationParams.from_dict(OmegaConf.to_container(cfg.generation, resolve=True))
+    server_params = generation_params(cfg.generation)     # a guided_json file path is read, as jobs.generate does
     queue = GeneratorQueue(generator, cfg.max_queue)
     key = api_key(cfg)
     created = int(time.time())

@@ -273,7 +273,7 @@ def test_queue_full_is_429(server, client):
     answer = {}
 
     def slow():
-        answer["r"] = client.completions.create(model="tiny_random", prompt="slow", max_tokens=1000,
+        answer["r"] = client.completions.create(model="tiny_random", prompt="slow", max_tokens=300,
                                                 extra_body={"ignore_eos": True})
 
     t = threading.Thread(target=slow)
@@ -288,7 +288,7 @@ def test_queue_full_is_429(server, client):
     assert e.value.status_code == 429 and e.value.response.headers["retry-after"] == "1"
     assert "max_queue" in e.value.body["message"]
     t.join()
-    assert answer["r"].usage.completion_tokens == 1000
+    assert answer["r"].usage.completion_tokens == 300
 
 
 # ------------------------------------------------------------------- start-up checks
@@ -344,3 +344,17 @@ def test_chat_on_smollm2_uses_its_template(smollm2_server):
     streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
         model=model, messages=CHAT, max_tokens=12, temperature=0, stream=True))
     assert streamed == answer
+
+
+def test_text_stream_never_sends_half_a_character(ref):
+    """Korean syllables are three UTF-8 bytes, split over byte-level tokens: no delta holds
+    U+FFFD, and the deltas add up to the text."""
+    from jobs._openai import TextStream
+    text = "검색어 추천: 커피 ☕ café"
+    ids = ref.tokenizer(text, add_special_tokens=False).input_ids
+    assert any("\ufffd" in ref.decode_text(ids[:i]) for i in range(1, len(ids)))   # the case exists
+    ts = TextStream(ref.decode_text, GenerationParams(stop_sequences=["\n\n", "Q:"]))
+    deltas = [ts.push(t) for t in ids[:-1]]
+    deltas.append(ts.finish(ref.decode_text(ids)))
+    assert not any("\ufffd" in d for d in deltas) and "".join(deltas) == text
+    assert sum(bool(d) for d in deltas) > 5                 # sent as it came, not all at the end
