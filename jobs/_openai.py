@@ -388,7 +388,7 @@ def usage(outputs) -> dict:
 
 def response_body(req: OpenAIRequest, outputs, model: str, tokenizer, request_id: str, created: int) -> dict:
     """The non-streaming answer; `outputs` is Generator.generate's list (one RequestOutput
-    per prompt of `prompt_inputs`)."""
+    per prompt of `prompt_inputs`; check `row_error` first: a rejected prompt has no choices)."""
     choices = []
     for r in outputs:
         for j, o in enumerate(r.outputs):
