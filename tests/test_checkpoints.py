@@ -13,45 +13,6 @@ import torch
 
 from tests.conftest import JOB_ROOT, write_jsonl
 
-from libinfer.models.llama import HF_NAMES as _HF_NAMES
-
-HF_NAMES = {ours: hf for hf, ours in _HF_NAMES.items()}   # the loader's own map, inverted for the export
-
-
-def hf_tensors(ckpt) -> dict:
-    """A checkpoint's weights under HF Llama names (the GGUF's q/k are already un-permuted)."""
-    out = {}
-    for name, get in ckpt.tensors():
-        if name == "embed":
-            key = "model.embed_tokens.weight"
-        elif name == "norm":
-            key = "model.norm.weight"
-        elif name == "lm_head":
-            key = "lm_head.weight"
-        else:
-            _, i, part = name.split(".")
-            key = f"model.layers.{i}.{HF_NAMES[part]}.weight"
-        out[key] = get().to(torch.bfloat16).contiguous()
-    return out
-
-
-def save_hf(tensors: dict, ckpt, tokenizer, out_dir) -> str:
-    """An HF directory (config.json, model.safetensors, tokenizer) of `tensors`."""
-    from safetensors.torch import save_file
-    from libinfer.lab.random_model import llama_config
-    c = ckpt.config
-    os.makedirs(out_dir, exist_ok=True)
-    cfg = llama_config(hidden_size=c.hidden_size, n_layers=c.n_layers, n_heads=c.n_heads, n_kv_heads=c.n_kv_heads,
-                       intermediate_size=c.intermediate_size, head_dim=c.head_dim, vocab_size=c.vocab_size,
-                       tie_embeddings=c.tie_embeddings, max_position=c.max_position, rope_theta=c.rope.theta)
-    cfg.update(rms_norm_eps=c.rms_eps, bos_token_id=c.bos_token_id, eos_token_id=list(c.eos_token_ids)[0],
-               torch_dtype="bfloat16")
-    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(cfg, f, indent=2)
-    tokenizer.save_pretrained(out_dir)
-    return str(out_dir)
-
 
 def compose(name: str, *overrides: str):
     from hydra import compose as hydra_compose, initialize_config_dir
@@ -63,6 +24,7 @@ def compose(name: str, *overrides: str):
 def checkpoints(tmp_path_factory):
     """watch/: the bundled GGUF, its bf16 safetensors export, a perturbed export, a truncated GGUF."""
     from libinfer import Checkpoint, bundled_model
+    from libinfer.loading.export import hf_config, hf_state_dict, save_hf
     root = tmp_path_factory.mktemp("ckpts")
     watch = root / "watch"
     watch.mkdir()
@@ -70,14 +32,14 @@ def checkpoints(tmp_path_factory):
     src = os.path.join(folder, gguf)
     os.symlink(src, watch / "a_smollm2.gguf")
     ckpt = Checkpoint.open(src)
-    tensors = hf_tensors(ckpt)
-    tok = ckpt.load_tokenizer()
-    save_hf(tensors, ckpt, tok, watch / "b_smollm2_hf")
+    tensors = hf_state_dict(ckpt, torch.bfloat16)
+    tok, config = ckpt.load_tokenizer(), hf_config(ckpt)
+    save_hf(watch / "b_smollm2_hf", tensors, config, tok)
     g = torch.Generator().manual_seed(0)
     for k in [k for k in tensors if ".mlp.down_proj" in k]:      # a "later checkpoint": every MLP output moved
         t = tensors[k].float()
         tensors[k] = (t + 0.2 * t.std() * torch.randn(t.shape, generator=g)).to(torch.bfloat16)
-    save_hf(tensors, ckpt, tok, watch / "c_smollm2_perturbed")
+    save_hf(watch / "c_smollm2_perturbed", tensors, config, tok)
     with open(src, "rb") as a, open(watch / "d_truncated.gguf", "wb") as b:
         b.write(a.read(os.path.getsize(src) // 2))
     return watch
