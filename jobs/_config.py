@@ -89,8 +89,9 @@ class CleanConf:
 @dataclass
 class DataConf:
     """conf/data/*.yaml: the input corpus and how preprocess reads and clusters it."""
-    path: Optional[str] = None              # file or directory; jsonl | parquet | text
-    format: str = "jsonl"                   # jsonl | parquet | text (one prompt a line, id = line number)
+    path: Optional[str] = None              # file or directory; jsonl | parquet | text | openai_batch
+    format: str = "jsonl"                   # jsonl | parquet | text (one prompt a line, id = line number) | openai_batch
+    batch_defaults: str = "openai"          # openai_batch: a line's missing fields from openai's defaults | generation
     id_column: str = "id"
     text_column: str = "prompt"
     clean: CleanConf = field(default_factory=CleanConf)
@@ -173,7 +174,8 @@ register()
 # ---------------------------------------------------------------------- validation
 
 DTYPES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16", "half")
-FORMATS = ("jsonl", "parquet", "text")
+FORMATS = ("jsonl", "parquet", "text", "openai_batch")
+BATCH_DEFAULTS = ("openai", "generation")
 UNICODE_FORMS = ("NFC", "NFKC", "NFD", "NFKD")
 CLUSTER_BY = ("prefix", "length", "none")
 
@@ -238,6 +240,12 @@ def validate(cfg) -> None:
         _check("data.limit", d.limit >= 0, f"must be >= 0 (got {d.limit})")
         if d.template is not None:
             _check("data.template", "{text}" in d.template, f"must contain {{text}} (got {d.template!r})")
+        _check("data.batch_defaults", d.batch_defaults in BATCH_DEFAULTS,
+               f"must be one of {', '.join(BATCH_DEFAULTS)} (got {d.batch_defaults!r})")
+        if d.format == "openai_batch":     # a batch line's body is the whole request
+            for k in ("template", "chat_template"):
+                _check(f"data.{k}", not d[k], "does not apply to data.format=openai_batch (each line's body says "
+                                              "its prompt; chat lines use the chat template)")
     if "spark" in cfg:
         s = cfg.spark
         _check("spark.master", bool(s.master), "must be set (local[*], spark://host:port, yarn, k8s://...)")

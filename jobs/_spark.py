@@ -169,6 +169,32 @@ class Output:
             return None
         return self.spark.read.parquet(self.path(name))
 
+    def write_lines(self, name: str, lines, chunk_bytes: int = 1 << 20) -> int:
+        """Write text lines into the one file `name` (e.g. "openai/output.jsonl"), replacing
+        it whole: written under a hidden name, then renamed. Returns the number of lines."""
+        fs = self.fs.getRawFileSystem() if self.fs.getScheme() == "file" else self.fs   # no .crc files
+        final = self._Path(self.path(name))
+        tmp = self._Path(final.getParent(), f".{final.getName()}.{uuid.uuid4().hex[:12]}")
+        stream, n, buf, size = fs.create(tmp, True), 0, [], 0
+        try:
+            for line in lines:
+                b = line.encode("utf-8") + b"\n"
+                buf.append(b)
+                size, n = size + len(b), n + 1
+                if size >= chunk_bytes:
+                    stream.write(bytearray(b"".join(buf)))
+                    buf, size = [], 0
+            if buf:
+                stream.write(bytearray(b"".join(buf)))
+            stream.close()
+            fs.delete(final, False)
+            if not fs.rename(tmp, final):
+                raise JobError(f"cannot move {tmp} to {final}")
+        finally:
+            if fs.exists(tmp):
+                fs.delete(tmp, False)
+        return n
+
 
 def prepare_output(out: Output, names: list[str], resume: bool, overwrite: bool) -> None:
     """Refuse to mix a new run into an existing output unless resume/overwrite says how."""

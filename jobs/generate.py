@@ -31,57 +31,79 @@ from jobs import _config
 from jobs._spark import JobError, Output, batch_padding, entry_point, maybe_fail, prepare_output, progress, waste
 
 OUT_SCHEMA = ("kind string, id string, prompt string, completions array<string>, finish_reasons array<string>, "
-              "n_prompt_tokens int, n_generated_tokens int, row long, reason string, metrics string")
+              "n_prompt_tokens int, n_generated_tokens int, row long, reason string, metrics string, openai string")
 RESULT_COLUMNS = ["id", "prompt", "completions", "finish_reasons", "n_prompt_tokens", "n_generated_tokens"]
 INPUT_COLUMNS = ["id", "text", "token_ids", "n_tokens", "row"]
 
 
-def _generate_fn(model: dict, params: dict, threads: int, chunk_rows: int, fault: dict):
-    """The mapInPandas function: one partition through this worker's generator."""
+def _generate_fn(model: dict, params: dict, threads: int, chunk_rows: int, fault: dict,
+                 batch_file: dict | None = None):
+    """The mapInPandas function: one partition through this worker's generator. For an
+    OpenAI batch file (`batch_file` = {"base", "model"}) each row has its own parameter set:
+    one call per set in each chunk, each row with its own guide, and the rows carry their
+    response body (results) or error (quarantine) for jobs/_batchfile.py's files."""
     def generate(batches):
         import pandas as pd
         import psutil
         from pyspark import TaskContext
         from libinfer import GenerationMetrics, GenerationParams, RequestOutput
         from jobs._spark import worker_generator
+        if batch_file is not None:
+            from jobs import _batchfile
         gp = GenerationParams.from_dict(params)
         ctx = TaskContext.get()
         state = {"gen": None, "load_s": 0.0, "metrics": GenerationMetrics(), "real": 0, "total": 0, "rows": 0,
                  "part": None, "t0": time.perf_counter()}
+
+        def call(prompts, p, guides):
+            """One generate call; if it raises, row by row to isolate the row that breaks it."""
+            gen = state["gen"]
+            try:
+                res = gen.generate(prompts, p, guides=guides)
+                state["metrics"] = state["metrics"].merge(res.metrics)
+                return list(res)
+            except Exception:  # noqa: BLE001
+                pass
+            outs = []
+            for k, one_prompt in enumerate(prompts):
+                try:
+                    one = gen.generate([one_prompt], p, guides=None if guides is None else [guides[k]])
+                    state["metrics"] = state["metrics"].merge(one.metrics)
+                    outs.append(one[0])
+                except Exception as e:  # noqa: BLE001
+                    outs.append(RequestOutput(k, None, one_prompt, error=f"generator error: {type(e).__name__}: {e}"))
+            return outs
 
         def run(chunk):
             if state["gen"] is None:
                 state["gen"], state["load_s"] = worker_generator(model, threads)
             gen = state["gen"]
             prompts = [[int(t) for t in ids] for ids in chunk["token_ids"]]
-            try:
-                res = gen.generate(prompts, gp)
-            except Exception:  # noqa: BLE001 - isolate the row that breaks the call
-                res = None
-            outs = []
-            if res is not None:
-                state["metrics"] = state["metrics"].merge(res.metrics)
-                outs = list(res)
+            if batch_file is None:
+                groups = [(gp, list(range(len(prompts))), None)]
             else:
-                for p in prompts:
-                    try:
-                        one = gen.generate([p], gp)
-                        state["metrics"] = state["metrics"].merge(one.metrics)
-                        outs.append(one[0])
-                    except Exception as e:  # noqa: BLE001
-                        outs.append(RequestOutput(len(outs), None, p, error=f"generator error: {type(e).__name__}: {e}"))
+                groups = _batchfile.param_groups(chunk["params"].tolist(), chunk["guide"].tolist())
+            outs, row_params = [None] * len(prompts), [gp] * len(prompts)
+            for p, idx, guides in groups:
+                for i, r in zip(idx, call([prompts[i] for i in idx], p, guides)):
+                    outs[i], row_params[i] = r, p
             ok_lengths = [len(r.prompt_token_ids) for r in outs if r.error is None]
             real, total = batch_padding(ok_lengths, gen.max_batch_size)
             state["real"] += real
             state["total"] += total
             state["rows"] += sum(r.error is None for r in outs)
-            rows = []
-            for r, rid, text, row in zip(outs, chunk["id"], chunk["text"], chunk["row"]):
+            rows, created = [], int(time.time())
+            requests = chunk["request"].tolist() if batch_file is not None else [None] * len(prompts)
+            for r, p, rid, text, row, request in zip(outs, row_params, chunk["id"], chunk["text"], chunk["row"],
+                                                     requests):
+                openai = None if batch_file is None else _batchfile.row_json(
+                    request, r, p, batch_file, gen.tokenizer, int(row), rid, created)
                 if r.error is None:
                     rows.append(("result", rid, text, [o.text for o in r.outputs], [o.finish_reason for o in r.outputs],
-                                 len(r.prompt_token_ids), sum(len(o.token_ids) for o in r.outputs), int(row), None, None))
+                                 len(r.prompt_token_ids), sum(len(o.token_ids) for o in r.outputs), int(row), None,
+                                 None, openai))
                 else:
-                    rows.append(("quarantine", rid, text, None, None, None, None, int(row), r.error, None))
+                    rows.append(("quarantine", rid, text, None, None, None, None, int(row), r.error, None, openai))
             return pd.DataFrame(rows, columns=[c.split()[0] for c in OUT_SCHEMA.split(", ")])
 
         pending = []
@@ -105,7 +127,7 @@ def _generate_fn(model: dict, params: dict, threads: int, chunk_rows: int, fault
                  part=state["part"], pid=os.getpid(), attempt=ctx.attemptNumber() if ctx else 0,
                  task_s=time.perf_counter() - state["t0"], rss_bytes=psutil.Process().memory_info().rss,
                  threads=threads)
-        yield pd.DataFrame([("metrics", None, None, None, None, None, None, None, None, json.dumps(m))],
+        yield pd.DataFrame([("metrics", None, None, None, None, None, None, None, None, json.dumps(m), None)],
                            columns=[c.split()[0] for c in OUT_SCHEMA.split(", ")])
     return generate
 
@@ -134,7 +156,9 @@ def read_clustered(spark, in_dir: str):
     missing = [c for c in INPUT_COLUMNS if c not in df.columns]
     if missing:
         raise JobError(f"in: {path} is not a jobs.preprocess output (no column '{missing[0]}')")
-    return src, df.select(*INPUT_COLUMNS)
+    from jobs._batchfile import CLUSTERED_EXTRA
+    extra = CLUSTERED_EXTRA if "request" in df.columns else []     # an OpenAI batch file's rows
+    return src, df.select(*INPUT_COLUMNS, *extra)
 
 
 def summarize(metric_rows: list[dict], wall_s: float) -> dict:
@@ -202,6 +226,11 @@ def run_generate(spark, cfg, in_dir: str, out: Output, resume: bool) -> dict:
     fault = OmegaConf.to_container(cfg.fault, resolve=True)
     params = resolve_params(cfg)
     src, df = read_clustered(spark, in_dir)
+    batch_file = None
+    if "request" in df.columns:
+        from jobs import _batchfile
+        batch_file = {"base": _batchfile.base_params(cfg), "model": cfg.model.name}
+        out.delete("openai")       # a view of results + quarantine: written again at the end
     df = df.withColumn("part", F.spark_partition_id())     # the cluster's identity, before any filter
     n_parts = df.rdd.getNumPartitions()
     if src.root != out.root:      # carry preprocess' quarantine over, once
@@ -217,16 +246,19 @@ def run_generate(spark, cfg, in_dir: str, out: Output, resume: bool) -> dict:
     todo = df.count()
     progress(f"generate: {todo} rows in {n_parts} partitions from {in_dir}"
              + (" (resume: the rest are done)" if resume else ""))
-    fn = _generate_fn(model, params, cfg.spark.task_cpus, cfg.chunk_rows, fault)
+    fn = _generate_fn(model, params, cfg.spark.task_cpus, cfg.chunk_rows, fault, batch_file)
+    res_extra = [F.col("row"), F.col("openai").alias("response")] if batch_file else []
+    q_extra = [F.col("openai").alias("error")] if batch_file else []
     t0 = time.perf_counter()
     metric_rows: list[dict] = []
     for w in range(cfg.waves):
         wave = df.filter((F.col("part") * cfg.waves / n_parts).cast("int") == w) if cfg.waves > 1 else df
         res = wave.mapInPandas(fn, OUT_SCHEMA).persist(StorageLevel.MEMORY_AND_DISK)
         try:
-            out.commit(res.filter(F.col("kind") == "result").select(*RESULT_COLUMNS), "results")
+            out.commit(res.filter(F.col("kind") == "result").select(*RESULT_COLUMNS, *res_extra), "results")
             out.commit(res.filter(F.col("kind") == "quarantine").select(
-                "id", "row", F.lit("generate").alias("stage"), "reason", F.col("prompt").alias("raw")), "quarantine")
+                "id", "row", F.lit("generate").alias("stage"), "reason", F.col("prompt").alias("raw"), *q_extra),
+                "quarantine")
             metric_rows += [json.loads(r.metrics) for r in res.filter(F.col("kind") == "metrics").collect()]
         finally:
             res.unpersist()
@@ -235,6 +267,12 @@ def run_generate(spark, cfg, in_dir: str, out: Output, resume: bool) -> dict:
     out.mark_complete("results")
     out.mark_complete("quarantine")
     metrics = summarize(metric_rows, time.perf_counter() - t0)
+    if batch_file:
+        from jobs._batchfile import write_files
+        metrics.update(write_files(out))
+        progress(f"generate: OpenAI batch output: {metrics['openai_output_lines']} lines in "
+                 f"{out.path('openai', 'output.jsonl')}, {metrics['openai_error_lines']} in "
+                 f"{out.path('openai', 'errors.jsonl')}")
     metrics["_params"] = params
     # One line per partition task: which worker ran it, its load, time and peak memory.
     metrics["_partitions"] = [{k: m[k] for k in ("part", "pid", "attempt", "rows", "prompt_tokens", "prefix_hit_tokens",

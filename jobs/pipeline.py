@@ -4,7 +4,8 @@
     spark-submit jobs/pipeline.py data.path=IN.jsonl out=DIR2 generation=test1
 
 Writes DIR2/clustered/ (the prompts clustered by prefix family and length), DIR2/results/
-and DIR2/quarantine/; logs one MLflow run with both stages' metrics (`preprocess.*`,
+and DIR2/quarantine/ (with data.format=openai_batch also DIR2/openai/output.jsonl and
+errors.jsonl, see jobs/_batchfile.py); logs one MLflow run with both stages' metrics (`preprocess.*`,
 `generate.*`). With resume=true a finished clustered/ is reused and ids already in results
 are skipped.
 """
@@ -39,6 +40,9 @@ def summary_lines(pre: dict | None, gen: dict, out: Output, run) -> list[str]:
     lines.append(f"            {prefix_cache_line(gen)}")
     lines.append(f"results:    {out.path('results')}")
     lines.append(f"quarantine: {out.path('quarantine')}")
+    if "openai_output_lines" in gen:
+        lines.append(f"openai:     {out.path('openai', 'output.jsonl')} ({gen['openai_output_lines']} lines), "
+                     f"{out.path('openai', 'errors.jsonl')} ({gen['openai_error_lines']} lines)")
     if run is not None:
         from jobs._tracking import run_url
         lines.append(run_url(run))

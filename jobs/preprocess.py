@@ -31,6 +31,8 @@ PARSED_SCHEMA = ("row long, id string, text string, token_ids array<int>, n_toke
                  "blocks array<long>, reason string, raw string")
 CLUSTERED_COLUMNS = ["id", "text", "token_ids", "n_tokens", "row"]
 QUARANTINE_COLUMNS = ["id", "row", "stage", "reason", "raw"]
+# openai_batch rows also carry their parameter set, guide and request (jobs/_batchfile.py).
+BATCH_SCHEMA = ", params string, guide string, request string, error string"
 
 # Control characters except tab and newline (prompts are few-shot blocks: newlines matter).
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
@@ -50,15 +52,23 @@ def clean_text(text: str, clean: dict) -> str:
     return text
 
 
+def decode_record(value: bytes | None) -> tuple[str | None, str | None, str | None]:
+    """An input record's bytes -> (text, reason, raw): reason is set for a null record or
+    invalid UTF-8, raw is then what can be shown of it."""
+    if value is None:
+        return None, "null record", None
+    try:
+        return bytes(value).decode("utf-8"), None, None
+    except UnicodeDecodeError as e:
+        return None, f"invalid UTF-8 at byte {e.start}", bytes(value).decode("utf-8", "backslashreplace")
+
+
 def parse_record(value: bytes | None, row: int, data: dict) -> tuple[str | None, str | None, str | None, str | None]:
     """One input record -> (id, text, reason, raw). `reason` is None for a usable row;
     `raw` (the record as text) is kept only for quarantined rows."""
-    if value is None:
-        return None, None, "null record", None
-    try:
-        line = bytes(value).decode("utf-8")
-    except UnicodeDecodeError as e:
-        return None, None, f"invalid UTF-8 at byte {e.start}", bytes(value).decode("utf-8", "backslashreplace")
+    line, reason, raw = decode_record(value)
+    if reason is not None:
+        return None, None, reason, raw
     if data["format"] == "text":
         return str(row), line, None, None
     try:
@@ -82,8 +92,10 @@ def parse_record(value: bytes | None, row: int, data: dict) -> tuple[str | None,
     return rid, text, None, line
 
 
-def _prepare_fn(data: dict, model: dict, fault: dict):
-    """The mapInPandas function: parse, clean, template, tokenize, check lengths."""
+def _prepare_fn(data: dict, model: dict, fault: dict, batch_file: dict | None = None):
+    """The mapInPandas function: parse, clean, template, tokenize, check lengths. For
+    openai_batch (`batch_file` = {"base", "seed"}) each line is read by jobs._batchfile instead
+    of parse/clean/template, and the rows carry its params, guide, request and error."""
     def prepare(batches):
         import pandas as pd
         from pyspark import TaskContext
@@ -94,16 +106,22 @@ def _prepare_fn(data: dict, model: dict, fault: dict):
         tok, context = worker_tokenizer(model)
         for pdf in batches:
             out = {k: [] for k in ("row", "id", "text", "reason", "raw")}
+            lines = []      # openai_batch: each row's _batchfile.Line
             for row, value in zip(pdf["row"].tolist(), pdf["value"].tolist()):
-                rid, text, reason, raw = parse_record(value, row, data)
+                if batch_file is not None:
+                    line, raw = read_batch_record(value, tok, batch_file)
+                    lines.append(line)
+                    rid, text, reason = line.custom_id, line.text, line.reason
+                else:
+                    rid, text, reason, raw = parse_record(value, row, data)
                 if reason is None:
                     if len(text) > data["max_chars"]:
                         reason = f"text too long: {len(text)} characters > data.max_chars={data['max_chars']}"
-                    else:
+                    elif batch_file is None:
                         text = clean_text(text, data["clean"])
                         if not text:
                             reason = "empty text (after cleaning)"
-                if reason is None:
+                if reason is None and batch_file is None:
                     if data["template"]:   # "\n" in a template is a newline (overrides cannot type one)
                         text = data["template"].replace("\\n", "\n").replace("{text}", text)
                     if data["chat_template"]:
@@ -113,19 +131,55 @@ def _prepare_fn(data: dict, model: dict, fault: dict):
                 out["id"].append(rid)
                 out["text"].append(text if reason is None else None)
                 out["reason"].append(reason)
-                out["raw"].append(None if reason is None else (raw if raw is not None else text))
+                # openai_batch keeps every line (a later duplicate is found after this step).
+                keep = reason is not None or batch_file is not None
+                out["raw"].append((raw if raw is not None else text) if keep else None)
             ok = [i for i, r in enumerate(out["reason"]) if r is None]
-            ids = tok([out["text"][i] for i in ok]).input_ids if ok else []
+            given = {i: lines[i].token_ids for i in ok if lines and lines[i].token_ids is not None}
+            to_encode = [i for i in ok if i not in given]
+            ids = dict(zip(to_encode, tok([out["text"][i] for i in to_encode]).input_ids if to_encode else []))
+            ids.update(given)
             token_ids, n_tokens, blocks = ([None] * len(out["row"]) for _ in range(3))
-            for i, t in zip(ok, ids):
+            for i in ok:
+                t = list(ids[i])
                 if len(t) >= context:
                     out["reason"][i] = f"prompt too long: {len(t)} tokens >= model context {context}"
-                    out["raw"][i], out["text"][i] = out["text"][i], None
+                elif not t:
+                    out["reason"][i] = "empty prompt: it has no tokens"
                 else:
-                    token_ids[i], n_tokens[i], blocks[i] = list(t), len(t), block_hashes(list(t))
+                    token_ids[i], n_tokens[i], blocks[i] = t, len(t), block_hashes(t)
+                    continue
+                out["raw"][i], out["text"][i] = out["raw"][i] or out["text"][i], None
+            extra = {}
+            if batch_file is not None:
+                extra = batch_columns(lines, out["reason"])
             yield pd.DataFrame({**out, "token_ids": token_ids, "n_tokens": pd.array(n_tokens, dtype="Int32"),
-                                "blocks": blocks})
+                                "blocks": blocks, **extra})
     return prepare
+
+
+def read_batch_record(value, tok, batch_file: dict):
+    """One openai_batch record -> (jobs._batchfile.Line, the line as text)."""
+    from jobs import _batchfile
+    text, reason, raw = decode_record(value)
+    if reason is not None:
+        return _batchfile.Line(reason=reason, error=_batchfile.line_error("invalid_line", reason)[1]), raw
+    return _batchfile.read_line(text, tok, batch_file["base"], batch_file["seed"]), text
+
+
+def batch_columns(lines: list, reasons: list) -> dict:
+    """The openai_batch columns of the rows (a row refused after its line was read, e.g.
+    too long, gets its error here)."""
+    from jobs import _batchfile
+    cols = {k: [] for k in ("params", "guide", "request", "error")}
+    for line, reason in zip(lines, reasons):
+        ok = reason is None
+        cols["params"].append(line.params if ok else None)
+        cols["guide"].append(line.guide if ok else None)
+        cols["request"].append(line.request if ok else None)
+        cols["error"].append(None if ok else line.error or _batchfile.row_error_info(
+            _batchfile.request_kind(line.request), reason))
+    return cols
 
 
 def read_corpus(spark, data: dict):
@@ -162,6 +216,33 @@ def read_corpus(spark, data: dict):
     if data["limit"]:
         df = df.orderBy("row").limit(data["limit"])
     return df.select("row", "value")
+
+
+def refuse_duplicates(parsed):
+    """Duplicate ids are ambiguous: every row that shares an id goes to quarantine."""
+    from pyspark.sql import functions as F
+    from pyspark.sql.window import Window
+    n_same = F.when(F.col("id").isNotNull(), F.count(F.lit(1)).over(Window.partitionBy("id"))).otherwise(1)
+    parsed = parsed.withColumn("_n", n_same).withColumn(
+        "reason", F.when(F.col("reason").isNull() & (F.col("_n") > 1),
+                         F.format_string("duplicate id: %d rows have it", F.col("_n"))).otherwise(F.col("reason")))
+    return parsed.drop("_n")
+
+
+def refuse_later_duplicates(parsed):
+    """A batch file's custom_id names one request: the first line that has it is that
+    request (whatever becomes of it), every later line with it is refused."""
+    from pyspark.sql import functions as F
+    from pyspark.sql.window import Window
+    from jobs import _batchfile
+    first = F.min("row").over(Window.partitionBy("id"))
+    later = F.col("id").isNotNull() & (F.col("row") > F.col("_first"))
+    reason = F.format_string("custom_id: duplicate of an earlier line (row %d); custom_id must be unique in the file",
+                             F.col("_first"))
+    parsed = parsed.withColumn("_first", first)
+    return (parsed.withColumn("reason", F.when(later, reason).otherwise(F.col("reason")))
+            .withColumn("error", F.when(later, F.lit(_batchfile.DUPLICATE)).otherwise(F.col("error")))
+            .drop("_first"))
 
 
 def n_partitions(spark, data: dict, n_rows: int, batch: int) -> int:
@@ -233,11 +314,14 @@ def cluster(df, parts: int, mode: str):
     - prefix: the same inside each prefix family (`with_families`): a family's rows are
       contiguous, in one partition or in neighbouring ones, longest first; rows without a
       family come last, clustered by length as above. With no shared prefix this is `length`;
-    - none: arrival order."""
+    - none: arrival order.
+    openai_batch rows (a `params` column) are ordered by parameter set first, so that the
+    rows of one generate call (one set) are neighbours; prefix or length inside each set."""
     from pyspark.sql import functions as F
     if mode == "none":
         return df.repartitionByRange(parts, "row").sortWithinPartitions("row")
     fam = [F.asc_nulls_last("root"), F.asc_nulls_last("family")] if mode == "prefix" else []
+    fam = (["params"] if "params" in df.columns else []) + fam    # openai_batch: one parameter set after the other
     return df.repartitionByRange(parts, *fam, F.desc("n_tokens"), "id").sortWithinPartitions(*fam, "n_tokens", "id")
 
 
@@ -305,11 +389,16 @@ def run_preprocess(spark, cfg, out: Output) -> dict:
     from omegaconf import OmegaConf
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
-    from pyspark.sql.window import Window
     from libinfer.engine.kv_cache import BLOCK
     data = OmegaConf.to_container(cfg.data, resolve=True)
     model = OmegaConf.to_container(cfg.model, resolve=True)
     fault = OmegaConf.to_container(cfg.fault, resolve=True)
+    batch_file = None
+    if data["format"] == "openai_batch":
+        from jobs import _batchfile
+        batch_file = {"base": _batchfile.base_params(cfg), "seed": _batchfile.job_seed(cfg)}
+        progress(f"preprocess: OpenAI batch file; defaults of a line: {data['batch_defaults']}; "
+                 f"sampled lines without a seed get seed {batch_file['seed']}")
     from jobs._model import ensure_model
     ensure_model(cfg.model)   # a random-init test model is written here, not by racing workers
     t0 = time.perf_counter()
@@ -318,27 +407,25 @@ def run_preprocess(spark, cfg, out: Output) -> dict:
     slots = spark.sparkContext.defaultParallelism
     if raw.rdd.getNumPartitions() < slots:   # a small file is one split: tokenize on every slot
         raw = raw.repartition(slots, "row")
-    parsed = raw.mapInPandas(_prepare_fn(data, model, fault), PARSED_SCHEMA)
-    # Duplicate ids are ambiguous: every row that shares an id goes to quarantine.
-    n_same = F.when(F.col("id").isNotNull(), F.count(F.lit(1)).over(Window.partitionBy("id"))).otherwise(1)
-    parsed = parsed.withColumn("_n", n_same).withColumn(
-        "reason", F.when(F.col("reason").isNull() & (F.col("_n") > 1),
-                         F.format_string("duplicate id: %d rows have it", F.col("_n"))).otherwise(F.col("reason")))
+    parsed = raw.mapInPandas(_prepare_fn(data, model, fault, batch_file),
+                             PARSED_SCHEMA + (BATCH_SCHEMA if batch_file else ""))
+    parsed = (refuse_later_duplicates if batch_file else refuse_duplicates)(parsed)
     parsed = parsed.withColumn("raw", F.when(F.col("reason").isNotNull(), F.coalesce("raw", "text")))
-    parsed = parsed.drop("_n").persist(StorageLevel.MEMORY_AND_DISK)
+    parsed = parsed.persist(StorageLevel.MEMORY_AND_DISK)
+    extra = _batchfile.CLUSTERED_EXTRA if batch_file else []
     families = None
     try:
         counts = {r["ok"]: r["count"] for r in parsed.groupBy(F.col("reason").isNull().alias("ok")).count().collect()}
         n_ok, n_bad = counts.get(True, 0), counts.get(False, 0)
         progress(f"preprocess: {n_ok + n_bad} rows read, {n_ok} usable, {n_bad} to quarantine")
-        good = parsed.filter(F.col("reason").isNull()).select(*CLUSTERED_COLUMNS, "blocks")
+        good = parsed.filter(F.col("reason").isNull()).select(*CLUSTERED_COLUMNS, "blocks", *extra)
         bad = parsed.filter(F.col("reason").isNotNull()).select(
-            "id", "row", F.lit("preprocess").alias("stage"), "reason", "raw")
+            "id", "row", F.lit("preprocess").alias("stage"), "reason", "raw", *(["error"] if batch_file else []))
         parts = n_partitions(spark, data, n_ok, model["max_batch_size"])
         mode = _config.cluster_by(data)
         families = prefix_families(good).persist(StorageLevel.MEMORY_AND_DISK)
         keyed = with_families(good, families)
-        out.commit(cluster(keyed, parts, mode).select(*CLUSTERED_COLUMNS), "clustered")
+        out.commit(cluster(keyed, parts, mode).select(*CLUSTERED_COLUMNS, *extra), "clustered")
         out.commit(bad, "quarantine")
         out.mark_complete("clustered")
         wall = time.perf_counter() - t0
@@ -365,9 +452,11 @@ def run_preprocess(spark, cfg, out: Output) -> dict:
         for other, name in (("prefix", "prefix"), ("length", "sorted"), ("none", "unsorted")):
             metrics[f"padding_waste_{name}"] = metrics["padding_waste"] if other == mode else padding_of(
                 cluster(keyed.select("n_tokens", "row", "id", "family", "root"), parts, other), batch)
+        if batch_file:
+            metrics["param_sets"] = good.select("params").distinct().count()
         metrics["_histogram"] = hist
         local = "://" not in str(data["path"]) and os.path.isfile(str(data["path"]))
-        if cfg.compare_single_process and local and data["format"] != "parquet":
+        if cfg.compare_single_process and local and data["format"] in ("jsonl", "text"):
             single = single_process_baseline(data, model)
             metrics.update(single_process_s=single, speedup_vs_single_process=single / wall)
             progress(f"preprocess: one process without Spark takes {single:.1f}s: Spark is "
