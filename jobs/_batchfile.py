@@ -53,7 +53,7 @@ import hashlib
 import json
 import random
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 from libinfer import GenerationParams
 from libinfer.structured import GUIDE_FIELDS
@@ -177,9 +177,8 @@ def read_line(line: str, tokenizer, base: Optional[dict], seed: int) -> Line:
     elif params.seed is None:
         params = params.replace(seed=seed)
     d = params.to_dict()
-    guide = {k: d.pop(k) for k in GUIDE_FIELDS if d.get(k) is not None}
-    for k in GUIDE_FIELDS:
-        d[k] = None
+    guide = {k: d[k] for k in GUIDE_FIELDS if d[k] is not None}
+    d.update(dict.fromkeys(GUIDE_FIELDS))
     out.params = json.dumps(d, sort_keys=True)
     out.guide = json.dumps(guide, sort_keys=True) if guide else None
     out.request = json.dumps({"url": url, "body": body}, sort_keys=True)
@@ -201,8 +200,8 @@ def row_error_info(kind: str, reason: str) -> str:
     return api_error(e)[1]
 
 
-def request_kind(request: Optional[str]) -> str:
-    return ENDPOINTS[json.loads(request)["url"]] if request else "completions"
+def request_kind(request: str) -> str:
+    return ENDPOINTS[json.loads(request)["url"]]
 
 
 # ------------------------------------------------------------------- generating
@@ -260,21 +259,16 @@ def error_line(row: int, custom_id: Optional[str], reason: str, error: Optional[
                        "error": {"code": info["code"], "message": reason}})
 
 
-def write_files(out) -> dict[str, Any]:
+FILES = (("output.jsonl", "openai_output_lines", "results", ("row", "id", "response"), output_line),
+         ("errors.jsonl", "openai_error_lines", "quarantine", ("row", "id", "reason", "error"), error_line))
+
+
+def write_files(out) -> dict[str, int]:
     """OUT/openai/output.jsonl and errors.jsonl from OUT/results and OUT/quarantine, in
     input order, streamed partition by partition (the driver holds one partition)."""
     counts = {}
-    res, q = out.read("results"), out.read("quarantine")
-    if res is not None:
-        rows = (output_line(r.row, r.id, r.response)
-                for r in res.select("row", "id", "response").orderBy("row").toLocalIterator())
-    else:
-        rows = iter(())
-    counts["openai_output_lines"] = out.write_lines("openai/output.jsonl", rows)
-    if q is not None:
-        rows = (error_line(r.row, r.id, r.reason, r.error)
-                for r in q.select("row", "id", "reason", "error").orderBy("row").toLocalIterator())
-    else:
-        rows = iter(())
-    counts["openai_error_lines"] = out.write_lines("openai/errors.jsonl", rows)
+    for name, count, dataset, columns, fmt in FILES:
+        df = out.read(dataset)
+        lines = () if df is None else (fmt(*r) for r in df.select(*columns).orderBy("row").toLocalIterator())
+        counts[count] = out.write_lines(f"openai/{name}", lines)
     return counts
