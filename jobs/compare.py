@@ -135,7 +135,8 @@ def compare_and_log(client, name: str, versions: list[int] | None, baseline: int
     df, baseline = version_table(client, name, versions, baseline)
     md = markdown(df, baseline)
     with mlflow.start_run(run_name=f"compare {name}", tags={"job": "compare", "compare.model_name": name,
-                                                              "compare.baseline": str(baseline)}) as run:
+                                                              "compare.baseline": str(baseline)},
+                          nested=mlflow.active_run() is not None) as run:
         with tempfile.TemporaryDirectory() as tmp:
             with open(os.path.join(tmp, "compare.md"), "w") as f:
                 f.write(md)

@@ -274,7 +274,8 @@ class Registrar:
             return {"status": "skipped", "path": str(path), "reason": f"failed before (run {failed.info.run_id})"}
         tags = {"job": "register", "content_hash": digest, "checkpoint.path": os.path.abspath(path),
                 "register.model_name": name}
-        with mlflow.start_run(run_name=f"register {path.name}", tags=tags) as run:
+        # nested under the caller's run when there is one (jobs.finetune's hand-off)
+        with mlflow.start_run(run_name=f"register {path.name}", tags=tags, nested=mlflow.active_run() is not None) as run:
             try:
                 from libinfer import Checkpoint, Generator
                 ckpt = Checkpoint.open(path)
@@ -364,10 +365,15 @@ def validate(cfg) -> None:
         raise ConfigError("register.watch", f"{r.watch} is not a directory")
     if r.poll_s <= 0:
         raise ConfigError("register.poll_s", f"must be > 0 (got {r.poll_s})")
-    if not cfg.mlflow.enabled or not str(cfg.mlflow.tracking_uri).startswith(("sqlite:", "postgresql", "mysql",
-                                                                              "http", "databricks")):
+    check_registry(cfg.mlflow)
+
+
+def check_registry(m) -> None:
+    """The MLflow model registry needs a database-backed store or a server."""
+    if not m.enabled or not str(m.tracking_uri).startswith(("sqlite:", "postgresql", "mysql", "http", "databricks")):
         raise ConfigError("mlflow.tracking_uri", "the model registry needs a database-backed store or a server "
-                          f"(sqlite:///..., http://...); got {cfg.mlflow.tracking_uri!r}")
+                          f"(sqlite:///..., http://...); got {m.tracking_uri!r}" + ("" if m.enabled else
+                                                                                     " with mlflow.enabled=false"))
 
 
 def run(cfg, spark=None) -> list[dict]:
