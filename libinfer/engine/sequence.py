@@ -67,12 +67,11 @@ class Sequence:
         """Add a generated token and decide whether the sequence is finished."""
         self.tokens.append(token)
         p, n_gen = rules.params, len(self.tokens)
-        if self.matcher is not None:
-            self.matcher.consume_token(token)
-            if self.matcher.is_stopped() and token not in rules.eos_ids:
-                self.text = rules.decode(self.tokens)
-                self.finish_reason = "stop"          # the grammar is complete and allows nothing more
-                return
+        if self.matcher is not None and (not self.matcher.consume_token(token) or self.matcher.is_stopped()):
+            # The grammar ended: complete and nothing more allowed, or EOS taken (also under ignore_eos).
+            self.finish_reason = "eos" if token in rules.eos_ids else "stop"
+            self.text = rules.decode(self.tokens)
+            return
         if token in rules.eos_ids and not p.ignore_eos and n_gen > p.min_tokens:
             self.finish_reason = "eos"
             return
