@@ -118,6 +118,25 @@ def test_generation_presets_match_libinfer(preset):
     assert generation_params(job_cfg(f"generation={preset}").generation) == PRESETS[preset]
 
 
+def test_generation_guides_from_the_command_line(tmp_path):
+    """generation.guided_json= takes a schema (YAML mapping or JSON text) or a .json path."""
+    import json
+    from conftest import job_cfg
+    from jobs._config import ConfigError, generation_params
+    schema = {"type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"]}
+    path = tmp_path / "schema.json"
+    path.write_text(json.dumps(schema))
+    want = json.dumps(schema, sort_keys=True, separators=(",", ":"))
+    for value in (str(path), "'" + json.dumps(schema) + "'", "{type: object, properties: {q: {type: string}}, "
+                                                             "required: [q]}"):
+        assert generation_params(job_cfg(f"generation.guided_json={value}").generation).guided_json == want
+    assert generation_params(job_cfg("generation.guided_choice=[yes,no]").generation).guided_choice == ("yes", "no")
+    with pytest.raises(ConfigError, match="generation.guided_json"):
+        generation_params(job_cfg(f"generation.guided_json={tmp_path / 'missing.json'}").generation)
+    with pytest.raises(ConfigError, match="generation.guided_regex"):
+        generation_params(job_cfg("generation.guided_regex='a(b'").generation)
+
+
 @pytest.mark.parametrize("override, key", [("+model.colour=red", "model.colour"),
                                            ("data.format=csv", "data.format"),
                                            ("generation.n=0", "generation.n"),
