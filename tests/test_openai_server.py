@@ -134,11 +134,14 @@ def test_several_prompts_are_indexed_prompt_major(client, ref):
     assert r.usage.prompt_tokens == sum(len(res.prompt_token_ids) for res in want)
 
 
-def test_stop_is_cut_and_never_streamed(client, ref):
+def test_stop_is_cut_and_never_streamed(client):
     """A stop string taken from the middle of a seeded answer: the answer ends before it,
     in the whole answer and in the stream."""
+    # The answer without the stop comes from the server itself: a sampled token of the random
+    # model (a near-uniform distribution over 49k tokens) can flip when a float's last bit
+    # differs, and the server's KV cache has another shape than `ref`'s after earlier tests.
     sampled = dict(temperature=1.0, seed=3)
-    text = ref.generate([PROMPT], GenerationParams(out_seq_length=20, **sampled))[0].outputs[0].text
+    text = client.completions.create(model="tiny_random", prompt=PROMPT, max_tokens=20, **sampled).choices[0].text
     start = len(text) // 2
     stop = text[start:start + 4]
     assert len(stop) == 4 and stop.strip(), text
