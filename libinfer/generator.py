@@ -19,6 +19,7 @@ from .loading import Checkpoint, ModelConfig
 from .metrics import GenerationMetrics, PeakMemory, Timer
 from .models import build
 from .params import GenerationParams
+from .structured import guide_of
 
 log = logging.getLogger("libinfer")
 
@@ -281,10 +282,8 @@ class Generator:
             self._guidance = Guidance(self.tokenizer, self.config.vocab_size, self.eos_ids)
         return self._guidance
 
-    def _row_guide(self, params: GenerationParams, override):
-        """The compiled guide of one row: its own (a mapping of guide fields) or the call's."""
-        from .structured import guide_of
-        spec = guide_of(override) if override else params.guide
+    def _guide(self, spec):
+        """The compiled guide of a (field, value) spec, or None."""
         return None if spec is None else self.guidance.compile(*spec)
 
     def decode_text(self, ids: list[int]) -> str:
@@ -329,6 +328,7 @@ class Generator:
         results, metrics = Results(), GenerationMetrics(n_prompts=len(prompts))
         results.metrics = metrics
         requests = []
+        call_guide = self._guide(params.guide)           # validated with params: compiled once per call
         for i, prompt in enumerate(prompts):
             text = prompt if isinstance(prompt, str) else None
             ids, guide = [], None
@@ -336,7 +336,8 @@ class Generator:
                 ids = self.encode(prompt, params)
                 error = self._check_row(ids, params)
                 if error is None:
-                    guide = self._row_guide(params, guides[i] if guides is not None else None)
+                    own = guides[i] if guides is not None else None
+                    guide = self._guide(guide_of(own)) if own else call_guide
             except (ValueError, TypeError) as e:       # GuideError is a ValueError
                 error = str(e)
             results.append(RequestOutput(i, text, ids, error=error))
