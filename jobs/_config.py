@@ -102,6 +102,7 @@ class DataConf:
     sort_by_length: Optional[bool] = None   # deprecated: true = cluster_by=length, false = cluster_by=none
     num_partitions: int = 0                 # 0 = spark.default.parallelism
     limit: int = 0                          # 0 = all rows (demo/tests: the first N)
+    single_process_sample: int = 20_000     # compare_single_process: rows timed in one process, scaled to the corpus
 
 
 @dataclass
@@ -238,6 +239,7 @@ def validate(cfg) -> None:
         _check("data.max_chars", d.max_chars >= 1, f"must be >= 1 (got {d.max_chars})")
         _check("data.num_partitions", d.num_partitions >= 0, f"must be >= 0 (got {d.num_partitions})")
         _check("data.limit", d.limit >= 0, f"must be >= 0 (got {d.limit})")
+        _check("data.single_process_sample", d.single_process_sample >= 1, f"must be >= 1 (got {d.single_process_sample})")
         if d.template is not None:
             _check("data.template", "{text}" in d.template, f"must contain {{text}} (got {d.template!r})")
         _check("data.batch_defaults", d.batch_defaults in BATCH_DEFAULTS,
