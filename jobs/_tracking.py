@@ -7,7 +7,9 @@ import contextlib
 import logging
 import math
 import os
+import socket
 import tempfile
+import time
 
 log = logging.getLogger(__name__)
 
@@ -31,15 +33,25 @@ def _as_dict(cfg) -> dict:
 
 @contextlib.contextmanager
 def mlflow_run(cfg, job: str, nested: bool = False, tags: dict | None = None):
-    """Start an MLflow run for `job` (or yield None when cfg.mlflow.enabled is false)."""
+    """Start an MLflow run for `job` (or yield None when cfg.mlflow.enabled is false).
+
+    The run is tagged with its output directory and its driver (host, pid, process start
+    time); earlier runs of the same output that still say RUNNING although their driver is
+    gone (killed, its machine lost) are marked KILLED first (see `end_stale_runs`)."""
     m = cfg.mlflow
     if not m.enabled:
         yield None
         return
     import mlflow
     mlflow.set_tracking_uri(m.tracking_uri)
-    mlflow.set_experiment(m.experiment)
-    with mlflow.start_run(run_name=m.get("run_name") or job, nested=nested, tags={"job": job, **(tags or {})}) as run:
+    exp = mlflow.set_experiment(m.experiment)
+    own = {"job": job, **driver_tags(), **(tags or {})}
+    output = output_of(cfg)
+    if output:
+        own["output"] = output
+    with mlflow.start_run(run_name=m.get("run_name") or job, nested=nested, tags=own) as run:
+        if output:
+            end_stale_runs(mlflow.MlflowClient(), exp.experiment_id, output, run.info.run_id)
         resolved = _as_dict(cfg)
         params = {k: str(v)[:5000] for k, v in flatten(resolved).items()}
         items = list(params.items())
@@ -47,6 +59,66 @@ def mlflow_run(cfg, job: str, nested: bool = False, tags: dict | None = None):
             mlflow.log_params(dict(items[i:i + 100]))
         log_config(cfg)
         yield run
+
+
+def output_of(cfg) -> str | None:
+    """The job's `out` as one spelling per directory: local paths absolute, URIs as given."""
+    out = cfg.get("out") if hasattr(cfg, "get") else None
+    if not out:
+        return None
+    out = str(out).rstrip("/")
+    if out.startswith("file:"):
+        out = out[len("file:"):].lstrip("/")
+        out = "/" + out
+    return out if "://" in out else os.path.abspath(out)
+
+
+def driver_tags() -> dict[str, str]:
+    import psutil
+    me = psutil.Process()
+    return {"driver.host": socket.gethostname(), "driver.pid": str(me.pid), "driver.started": f"{me.create_time():.2f}"}
+
+
+def driver_gone(tags: dict) -> str | None:
+    """Why the driver that tagged a run is gone (None: it may still be running). A driver
+    on another host cannot be looked at from here: a new run of the same output supersedes
+    it (two live drivers writing one output are not supported anyway)."""
+    import psutil
+    host, pid, started = tags.get("driver.host"), tags.get("driver.pid"), tags.get("driver.started")
+    if host is None or pid is None:
+        return None                      # not tagged by mlflow_run: not ours to judge
+    if host != socket.gethostname():
+        return f"superseded by a new run of the same output (driver was on {host}, pid {pid})"
+    try:
+        p = psutil.Process(int(pid))
+        if started is None or abs(p.create_time() - float(started)) < 1.0:
+            return None                  # alive (a nested run's parent, or a concurrent run)
+    except psutil.NoSuchProcess:
+        pass
+    return f"driver pid {pid} on {host} is gone"
+
+
+def end_stale_runs(client, experiment_id: str, output: str, own_run_id: str) -> list[str]:
+    """Mark KILLED the runs of this experiment and output still RUNNING whose driver is
+    gone; returns their ids. Never fails the job: tracking trouble is only logged."""
+    ended = []
+    try:
+        runs = client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=1000)
+        for r in runs:
+            tags = r.data.tags
+            if r.info.run_id == own_run_id or tags.get("output") != output:
+                continue
+            why = driver_gone(tags)
+            if why is None:
+                continue
+            client.set_tag(r.info.run_id, "killed_reason", why)
+            client.set_terminated(r.info.run_id, status="KILLED")
+            ended.append(r.info.run_id)
+            print(f"[{time.strftime('%H:%M:%S')}] mlflow: run {r.info.run_id} ({tags.get('job')}) of {output} "
+                  f"was still RUNNING; marked KILLED: {why}", flush=True)
+    except Exception as e:  # noqa: BLE001 - a stale run's status must not stop a new run
+        log.warning("mlflow: could not check earlier runs of %s: %s", output, e)
+    return ended
 
 
 def log_config(cfg, name: str = "config.yaml") -> None:
