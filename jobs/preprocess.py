@@ -7,6 +7,17 @@ prompt family (the same few-shot header) at similar lengths.
 Writes DIR/clustered/ (Parquet: id, text, token_ids, n_tokens, row; range-partitioned as
 `data.cluster_by` says, see `cluster`) and DIR/quarantine/ (id, row, stage, reason, raw) for
 rows that cannot be generated. Every input row lands in exactly one.
+
+How it runs (docs/jobs.md, "Preprocessing at scale"): one `mapInArrow` pass parses, cleans
+and batch-tokenizes each partition, keeping token ids as Arrow list arrays (offsets + flat
+int32 values, never a Python list per row in the job's own code) and hashing every row's
+16-token blocks with numpy; that pass is cached. Two small aggregations of the cache find the
+duplicate ids and the blocks that >= 2 rows share (summaries: only those come to the driver),
+then a second Arrow pass picks each row's prefix family, Spark range-partitions and sorts, and
+a last pass measures the padding of the written batches on their way to the writer. Every
+statistic (length histogram, padding, prefix families) comes from those passes through
+accumulators keyed by partition (a retried or recomputed task replaces its entry, never adds a
+second one), not from extra Spark jobs over the data.
 """
 from __future__ import annotations
 
@@ -15,6 +26,7 @@ if not __package__:  # run as a file (spark-submit jobs/preprocess.py): import a
     import sys as _sys
     _sys.path.insert(0, _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
 
+import itertools
 import json
 import math
 import os
@@ -23,9 +35,10 @@ import time
 import unicodedata
 
 import hydra
+from pyspark.accumulators import AccumulatorParam
 
 from jobs import _config
-from jobs._spark import JobError, Output, batch_padding, entry_point, maybe_fail, prepare_output, progress, waste
+from jobs._spark import JobError, Output, entry_point, maybe_fail, prepare_output, progress, waste
 
 PARSED_SCHEMA = ("row long, id string, text string, token_ids array<int>, n_tokens int, "
                  "blocks array<long>, reason string, raw string")
@@ -92,69 +105,228 @@ def parse_record(value: bytes | None, row: int, data: dict) -> tuple[str | None,
     return rid, text, None, line
 
 
-def _prepare_fn(data: dict, model: dict, fault: dict, batch_file: dict | None = None):
-    """The mapInPandas function: parse, clean, template, tokenize, check lengths. For
-    openai_batch (`batch_file` = {"base", "seed"}) each line is read by jobs._batchfile instead
-    of parse/clean/template, and the rows carry its params, guide, request and error."""
+# ------------------------------------------------------------------ Arrow batches
+#
+# Token ids travel as Arrow list arrays: the offsets (row i holds values[off[i]:off[i+1]])
+# and one flat int32 array. The tokenizer's batch encoder is the one place that hands out a
+# list per row (its Encoding.ids); pyarrow turns those into the flat array in C.
+
+_M1, _M2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+
+
+def _mix64(z):
+    """splitmix64's finaliser on a uint64 numpy array (wrapping arithmetic)."""
+    import numpy as np
+    z = z ^ (z >> np.uint64(30))
+    z = z * np.uint64(_M1)
+    z = z ^ (z >> np.uint64(27))
+    z = z * np.uint64(_M2)
+    return z ^ (z >> np.uint64(31))
+
+
+def chain_hashes(offsets, flat):
+    """(block offsets, hashes): hash k of a row identifies its tokens [0, 16(k + 1)), like
+    libinfer.engine.kv_cache.block_hashes, but for a whole batch in numpy. A prefix's hash is
+    the sum (mod 2^64) of a mixed (token, position) value over its tokens, mixed once more with
+    its length, so every prefix costs one cumulative sum. Only equality matters (rows with
+    equal hashes share the prefix): the engine checks the tokens on every cache hit itself."""
+    import numpy as np
+    from libinfer.engine.kv_cache import BLOCK
+    offsets = np.asarray(offsets, dtype=np.int64)
+    n = np.diff(offsets)
+    nb = n // BLOCK
+    boff = np.zeros(len(n) + 1, dtype=np.int64)
+    np.cumsum(nb, out=boff[1:])
+    if boff[-1] == 0:
+        return boff, np.zeros(0, dtype=np.int64)
+    with np.errstate(over="ignore"):
+        pos = np.arange(len(flat), dtype=np.int64) - np.repeat(offsets[:-1], n)
+        x = _mix64(np.asarray(flat).astype(np.uint64) + np.uint64(1) + (pos.astype(np.uint64) << np.uint64(32)))
+        cs = np.cumsum(x, dtype=np.uint64)
+        owner = np.repeat(np.arange(len(n)), nb)
+        k = np.arange(boff[-1], dtype=np.int64) - boff[owner]
+        start = offsets[owner]
+        end = start + BLOCK * (k + 1) - 1
+        before = np.where(start > 0, cs[np.maximum(start - 1, 0)], np.uint64(0))
+        h = _mix64((cs[end] - before) ^ ((k + 1).astype(np.uint64) * np.uint64(_M2)))
+    return boff, h.view(np.int64)
+
+
+def list_array(offsets, values, valid=None):
+    """An Arrow list array from offsets and flat values; rows where `valid` is False are null."""
+    import numpy as np
+    import pyarrow as pa
+    mask = None if valid is None else pa.array(~np.asarray(valid, dtype=bool))
+    return pa.ListArray.from_arrays(pa.array(np.asarray(offsets, dtype=np.int32)), pa.array(values), mask=mask)
+
+
+def encode(tok, texts: list[str]):
+    """(offsets, flat int32 ids) of `texts`, with the special tokens tok(texts) adds: the
+    Rust batch encoder when the tokenizer has one (no Python per token)."""
+    import numpy as np
+    import pyarrow as pa
+    if not texts:
+        return np.zeros(1, dtype=np.int64), np.zeros(0, dtype=np.int32)
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None:
+        ids = [e.ids for e in backend.encode_batch(texts, add_special_tokens=True)]
+    else:
+        ids = tok(texts).input_ids
+    arr = pa.array(ids, type=pa.list_(pa.int32()))
+    return arr.offsets.to_numpy().astype(np.int64), arr.values.to_numpy(zero_copy_only=False)
+
+
+class DictMerge(AccumulatorParam):
+    """Accumulates {key: value}; a later value for a key replaces the earlier one. Tasks
+    put their statistics under (pass, partition id), so a retried or recomputed task
+    (Spark reruns lost partitions; the range partitioner's sampling job evaluates the
+    family pass once more) replaces its entry instead of counting twice."""
+
+    def zero(self, value):
+        return {}
+
+    def addInPlace(self, a, b):
+        a.update(b)
+        return a
+
+
+def _partition_id() -> int:
+    from pyspark import TaskContext
+    ctx = TaskContext.get()
+    return ctx.partitionId() if ctx else 0
+
+
+def batch_waste_parts(lengths, batch: int) -> tuple[int, int]:
+    """batch_padding in numpy: (real, padded-total) tokens of `lengths` cut, in order, into
+    batches of `batch` rows, each padded to its longest row."""
+    import numpy as np
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if not len(lengths):
+        return 0, 0
+    starts = np.arange(0, len(lengths), batch)
+    sizes = np.diff(np.append(starts, len(lengths)))
+    return int(lengths.sum()), int((np.maximum.reduceat(lengths, starts) * sizes).sum())
+
+
+def prepare_batch(rows, values, data: dict, tok, context: int, batch_file: dict | None = None):
+    """One Arrow batch of input records -> an Arrow batch of PARSED_SCHEMA (+ BATCH_SCHEMA):
+    parse, clean, template, tokenize (one batch call), check lengths, hash blocks."""
+    import numpy as np
+    import pyarrow as pa
+    ids, texts, reasons, raws, lines = [], [], [], [], []
+    for row, value in zip(rows, values):
+        if batch_file is not None:
+            line, raw = read_batch_record(value, tok, batch_file)
+            lines.append(line)
+            rid, text, reason = line.custom_id, line.text, line.reason
+        else:
+            rid, text, reason, raw = parse_record(value, row, data)
+        if reason is None:
+            if len(text) > data["max_chars"]:
+                reason = f"text too long: {len(text)} characters > data.max_chars={data['max_chars']}"
+            elif batch_file is None:
+                text = clean_text(text, data["clean"])
+                if not text:
+                    reason = "empty text (after cleaning)"
+        if reason is None and batch_file is None:
+            if data["template"]:   # "\n" in a template is a newline (overrides cannot type one)
+                text = data["template"].replace("\\n", "\n").replace("{text}", text)
+            if data["chat_template"]:
+                text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                               add_generation_prompt=True)
+        ids.append(rid)
+        texts.append(text if reason is None else None)
+        reasons.append(reason)
+        # openai_batch keeps every line (a later duplicate is found after this step).
+        keep = reason is not None or batch_file is not None
+        raws.append((raw if raw is not None else text) if keep else None)
+    ok = np.array([r is None for r in reasons], dtype=bool)
+    ok_idx = np.flatnonzero(ok)
+    # Token ids of the usable rows; a batch line may bring its own (chat: the template's).
+    given = {i: lines[i].token_ids for i in ok_idx if lines and lines[i].token_ids is not None}
+    to_encode = [i for i in ok_idx if i not in given]
+    enc_off, enc_flat = encode(tok, [texts[i] for i in to_encode])
+    if given:   # rare (batch files): merge the given lists in row order
+        seqs = dict(zip(to_encode, (enc_flat[a:b] for a, b in zip(enc_off[:-1], enc_off[1:]))))
+        seqs.update({i: np.asarray(t, dtype=np.int32) for i, t in given.items()})
+        parts = [seqs[i] for i in ok_idx]
+        ok_lengths = np.array([len(p) for p in parts], dtype=np.int64)
+        flat = np.concatenate(parts).astype(np.int32) if parts else np.zeros(0, dtype=np.int32)
+    else:
+        ok_lengths, flat = np.diff(enc_off), enc_flat
+    n = np.zeros(len(reasons), dtype=np.int64)
+    n[ok_idx] = ok_lengths
+    for i in ok_idx[n[ok_idx] >= context]:
+        reasons[i] = f"prompt too long: {n[i]} tokens >= model context {context}"
+    for i in ok_idx[n[ok_idx] == 0]:
+        reasons[i] = "empty prompt: it has no tokens"
+    good = np.array([r is None for r in reasons], dtype=bool)
+    for i in np.flatnonzero(ok & ~good):       # refused after tokenizing: keep what was read
+        raws[i], texts[i] = raws[i] or texts[i], None
+    # Keep only the good rows' ids: drop the refused rows' values from the flat array.
+    if (ok & ~good).any():
+        keep_tok = np.repeat(good[ok_idx], ok_lengths)
+        flat = flat[keep_tok]
+    n = np.where(good, n, 0)
+    offsets = np.zeros(len(n) + 1, dtype=np.int64)
+    np.cumsum(n, out=offsets[1:])
+    boff, hashes = chain_hashes(offsets, flat)
+    cols = {
+        "row": pa.array(np.asarray(rows, dtype=np.int64)),
+        "id": pa.array(ids, pa.string()),
+        "text": pa.array(texts, pa.string()),
+        "token_ids": list_array(offsets, flat.astype(np.int32, copy=False), good),
+        "n_tokens": pa.array(n.astype(np.int32), mask=~good),
+        "blocks": list_array(boff, hashes, good),
+        "reason": pa.array(reasons, pa.string()),
+        "raw": pa.array(raws, pa.string()),
+    }
+    if batch_file is not None:
+        cols.update({k: pa.array(v, pa.string()) for k, v in batch_columns(lines, reasons).items()})
+    return pa.RecordBatch.from_pydict(cols)
+
+
+def _prepare_arrow(data: dict, model: dict, fault: dict, batch_file: dict | None = None, stats=None,
+                   batch: int = 1):
+    """The mapInArrow function of the first pass (prepare_batch on every batch). With
+    `stats` (a DictMerge accumulator) each task reports its rows and the padding of its
+    usable rows' batches in arrival order."""
     def prepare(batches):
-        import pandas as pd
-        from pyspark import TaskContext
+        import numpy as np
         from jobs._spark import worker_tokenizer
-        from libinfer.engine.kv_cache import block_hashes
-        ctx = TaskContext.get()
-        maybe_fail(fault, "preprocess", ctx.partitionId() if ctx else 0)
+        pid = _partition_id()
+        maybe_fail(fault, "preprocess", pid)
         tok, context = worker_tokenizer(model)
+        rows_in = 0
+        arrival = ([], [])     # (rows, n_tokens) of the usable rows
+        for rb in batches:
+            out = prepare_batch(rb.column("row").to_numpy(), rb.column("value").to_pylist(), data, tok, context,
+                                batch_file)
+            rows_in += out.num_rows
+            n = out.column("n_tokens")
+            good = n.is_valid().to_numpy(zero_copy_only=False)
+            arrival[0].append(out.column("row").to_numpy()[good])
+            arrival[1].append(n.to_numpy(zero_copy_only=False)[good])
+            yield out
+        if stats is not None:
+            rows = np.concatenate(arrival[0]) if arrival[0] else np.zeros(0)
+            lengths = np.concatenate(arrival[1]) if arrival[1] else np.zeros(0)
+            stats.add({("parse", pid): {"rows": rows_in, "ok": len(lengths), "arrival": batch_waste_parts(
+                lengths[np.argsort(rows, kind="stable")], batch)}})
+    return prepare
+
+
+def _prepare_fn(data: dict, model: dict, fault: dict, batch_file: dict | None = None):
+    """The first pass for pandas callers (jobs.finetune's mapInPandas): the same rows as
+    `_prepare_arrow`, as DataFrames (token_ids as numpy arrays)."""
+    def prepare(batches):
+        import pyarrow as pa
+        arrow = _prepare_arrow(data, model, fault, batch_file)
         for pdf in batches:
-            out = {k: [] for k in ("row", "id", "text", "reason", "raw")}
-            lines = []      # openai_batch: each row's _batchfile.Line
-            for row, value in zip(pdf["row"].tolist(), pdf["value"].tolist()):
-                if batch_file is not None:
-                    line, raw = read_batch_record(value, tok, batch_file)
-                    lines.append(line)
-                    rid, text, reason = line.custom_id, line.text, line.reason
-                else:
-                    rid, text, reason, raw = parse_record(value, row, data)
-                if reason is None:
-                    if len(text) > data["max_chars"]:
-                        reason = f"text too long: {len(text)} characters > data.max_chars={data['max_chars']}"
-                    elif batch_file is None:
-                        text = clean_text(text, data["clean"])
-                        if not text:
-                            reason = "empty text (after cleaning)"
-                if reason is None and batch_file is None:
-                    if data["template"]:   # "\n" in a template is a newline (overrides cannot type one)
-                        text = data["template"].replace("\\n", "\n").replace("{text}", text)
-                    if data["chat_template"]:
-                        text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                                       add_generation_prompt=True)
-                out["row"].append(row)
-                out["id"].append(rid)
-                out["text"].append(text if reason is None else None)
-                out["reason"].append(reason)
-                # openai_batch keeps every line (a later duplicate is found after this step).
-                keep = reason is not None or batch_file is not None
-                out["raw"].append((raw if raw is not None else text) if keep else None)
-            ok = [i for i, r in enumerate(out["reason"]) if r is None]
-            given = {i: lines[i].token_ids for i in ok if lines and lines[i].token_ids is not None}
-            to_encode = [i for i in ok if i not in given]
-            ids = dict(zip(to_encode, tok([out["text"][i] for i in to_encode]).input_ids if to_encode else []))
-            ids.update(given)
-            token_ids, n_tokens, blocks = ([None] * len(out["row"]) for _ in range(3))
-            for i in ok:
-                t = list(ids[i])
-                if len(t) >= context:
-                    out["reason"][i] = f"prompt too long: {len(t)} tokens >= model context {context}"
-                elif not t:
-                    out["reason"][i] = "empty prompt: it has no tokens"
-                else:
-                    token_ids[i], n_tokens[i], blocks[i] = t, len(t), block_hashes(t)
-                    continue
-                out["raw"][i], out["text"][i] = out["raw"][i] or out["text"][i], None
-            extra = {}
-            if batch_file is not None:
-                extra = batch_columns(lines, out["reason"])
-            yield pd.DataFrame({**out, "token_ids": token_ids, "n_tokens": pd.array(n_tokens, dtype="Int32"),
-                                "blocks": blocks, **extra})
+            rb = pa.RecordBatch.from_pydict({"row": pa.array(pdf["row"].tolist(), pa.int64()),
+                                             "value": pa.array(pdf["value"].tolist(), pa.binary())})
+            for out in arrow(iter([rb])):
+                yield out.to_pandas()
     return prepare
 
 
@@ -218,31 +390,150 @@ def read_corpus(spark, data: dict):
     return df.select("row", "value")
 
 
-def refuse_duplicates(parsed):
-    """Duplicate ids are ambiguous: every row that shares an id goes to quarantine."""
+def duplicate_ids(parsed) -> list:
+    """The ids more than one row has, each with (n rows, first row, usable rows among them,
+    whether the first row is usable): a summary, the only rows that come to the driver."""
     from pyspark.sql import functions as F
-    from pyspark.sql.window import Window
-    n_same = F.when(F.col("id").isNotNull(), F.count(F.lit(1)).over(Window.partitionBy("id"))).otherwise(1)
-    parsed = parsed.withColumn("_n", n_same).withColumn(
-        "reason", F.when(F.col("reason").isNull() & (F.col("_n") > 1),
-                         F.format_string("duplicate id: %d rows have it", F.col("_n"))).otherwise(F.col("reason")))
-    return parsed.drop("_n")
+    ok = F.col("reason").isNull().cast("int")
+    return (parsed.filter(F.col("id").isNotNull()).groupBy("id")
+            .agg(F.count(F.lit(1)).alias("n"), F.min("row").alias("first"), F.sum(ok).alias("ok"),
+                 F.min_by(ok, "row").alias("first_ok"))
+            .filter(F.col("n") > 1).collect())
 
 
-def refuse_later_duplicates(parsed):
-    """A batch file's custom_id names one request: the first line that has it is that
-    request (whatever becomes of it), every later line with it is refused."""
+def mark_duplicates(spark, parsed, dups: list, later_only: bool):
+    """Refuse the rows of `dups` (a broadcast join: the rows never move). Duplicate ids are
+    ambiguous: every row that shares an id goes to quarantine. A batch file's custom_id names
+    one request (`later_only`): the first line that has it is that request (whatever becomes
+    of it), every later line with it is refused."""
     from pyspark.sql import functions as F
-    from pyspark.sql.window import Window
-    from jobs import _batchfile
-    first = F.min("row").over(Window.partitionBy("id"))
-    later = F.col("id").isNotNull() & (F.col("row") > F.col("_first"))
-    reason = F.format_string("custom_id: duplicate of an earlier line (row %d); custom_id must be unique in the file",
-                             F.col("_first"))
-    parsed = parsed.withColumn("_first", first)
-    return (parsed.withColumn("reason", F.when(later, reason).otherwise(F.col("reason")))
-            .withColumn("error", F.when(later, F.lit(_batchfile.DUPLICATE)).otherwise(F.col("error")))
-            .drop("_first"))
+    if not dups:
+        return parsed
+    d = spark.createDataFrame([(r["id"], r["n"], r["first"]) for r in dups], "id string, _n long, _first long")
+    marked = parsed.join(F.broadcast(d), "id", "left")
+    if later_only:
+        from jobs import _batchfile
+        later = F.col("_first").isNotNull() & (F.col("row") > F.col("_first"))
+        reason = F.format_string("custom_id: duplicate of an earlier line (row %d); custom_id must be unique in "
+                                 "the file", F.col("_first"))
+        marked = (marked.withColumn("reason", F.when(later, reason).otherwise(F.col("reason")))
+                  .withColumn("error", F.when(later, F.lit(_batchfile.DUPLICATE)).otherwise(F.col("error"))))
+    else:
+        dup = F.col("reason").isNull() & F.col("_n").isNotNull()
+        marked = marked.withColumn("reason", F.when(dup, F.format_string("duplicate id: %d rows have it", F.col("_n")))
+                                   .otherwise(F.col("reason")))
+    return marked.drop("_n", "_first")
+
+
+# ------------------------------------------------------------------ prefix families
+#
+# `blocks` holds a chain hash of each whole 16-token block of a row's token ids (the
+# engine's prefix-cache blocks, `chain_hashes`): entry k stands for tokens [0, 16(k+1)).
+# Counting the rows per hash gives the prefix trie of the corpus (c_k rows begin with this
+# row's first k+1 blocks; c_k never grows with k). A row's family is the node on its own
+# path that saves the most prefill when computed once for all the rows below it:
+# argmax_k (c_k - 1) * (k + 1), ties to the shallower node. Why this node and not a fixed
+# depth or the deepest shared block:
+# - the hash of the first 1-4 blocks merges different tasks behind one common opening (a
+#   chat template's system turn, a shared instruction line) into one family;
+# - the deepest shared block splits a task into fragments: two queries that start with the
+#   same words share one more block (the one across the header's end) than the rest of
+#   their task, and would be a family of their own, in another partition;
+# - the argmax lands on the end of the task's header for every row of the task (60 rows x
+#   25 blocks saves far more than 3 rows x 26 or 240 rows x 1), whatever their query is.
+# Cost: one explode of n_tokens/16 longs per row and a group-by on them, of which only the
+# hashes that >= 2 rows share come to the driver (the shared nodes of the trie: a summary,
+# broadcast back); each row's family is then picked in numpy inside the Arrow pass that feeds
+# the range partitioner. Rows that share no block with any other row have no family (null)
+# and are clustered by length after the families. A hash collision only misorders rows (the
+# engine checks the tokens on every hit).
+
+def shared_blocks(good):
+    """(hashes, counts) of the blocks that >= 2 usable rows have, sorted by hash (numpy)."""
+    import numpy as np
+    from pyspark.sql import functions as F
+    t = (good.select(F.explode("blocks").alias("h")).groupBy("h").count().filter(F.col("count") >= 2)
+         .toArrow())
+    order = np.argsort(t.column("h").to_numpy(), kind="stable")
+    return t.column("h").to_numpy()[order], t.column("count").to_numpy()[order].astype(np.int64)
+
+
+def family_columns(boff, hashes, keys, counts):
+    """Per row of a batch (blocks as offsets `boff` + flat `hashes`; the shared blocks as
+    sorted `keys` with their row `counts`): (has a family, family, root, shared blocks,
+    reusable tokens). family = the chosen node's hash, root = the row's first block's hash,
+    shared blocks = the blocks it shares with at least one other row, reusable = its share of
+    the tokens a cache holding every shared block once would not compute (summed over rows:
+    sum over nodes of 16 (c - 1))."""
+    import numpy as np
+    from libinfer.engine.kv_cache import BLOCK
+    boff = np.asarray(boff, dtype=np.int64)
+    nb = np.diff(boff)
+    rows = len(nb)
+    has, family, root = np.zeros(rows, bool), np.zeros(rows, np.int64), np.zeros(rows, np.int64)
+    shared_n, reusable = np.zeros(rows, np.int64), np.zeros(rows, np.float64)
+    if not len(hashes) or not len(keys):
+        return has, family, root, shared_n, reusable
+    idx = np.minimum(np.searchsorted(keys, hashes), len(keys) - 1)
+    c = np.where(keys[idx] == hashes, counts[idx], 0)
+    owner = np.repeat(np.arange(rows), nb)
+    k = np.arange(len(hashes), dtype=np.int64) - boff[owner]
+    shared = c >= 2
+    # argmax_k (c_k - 1)(k + 1), ties to the shallower k: one key per block, unique in its row.
+    key = np.where(shared, (c - 1) * (k + 1), 0) * (int(nb.max()) + 1) - k
+    some = nb > 0
+    starts = boff[:-1][some]
+    best = np.full(rows, -1, dtype=np.int64)
+    best[some] = np.maximum.reduceat(key, starts)
+    at = np.flatnonzero(key == np.repeat(best, nb))       # one block per row with blocks
+    family[some] = hashes[at]
+    root[some] = hashes[starts]
+    shared_n[some] = np.add.reduceat(shared.astype(np.int64), starts)
+    reusable[some] = np.add.reduceat(np.where(shared, BLOCK * (c - 1) / np.maximum(c, 1), 0.0), starts)
+    has = best > 0
+    return has, family, root, shared_n, reusable
+
+
+def local_families(blocks: list[list[int]]) -> list[int | None]:
+    """The same family choice as `family_columns`, in plain Python (the tests' reference)."""
+    from collections import Counter
+    c = Counter(h for b in blocks for h in b)
+    return [max(((c[h] - 1) * (k + 1), -k, h) for k, h in enumerate(b) if c[h] >= 2)[2]
+            if b and c[b[0]] >= 2 else None for b in blocks]
+
+
+def _families_fn(shared, stats, batch_file: bool):
+    """The mapInArrow function of the second pass: drop `blocks`, add family and root; report
+    the task's (root, family, n_tokens) counts and family statistics to `stats`."""
+    def families(batches):
+        import numpy as np
+        import pyarrow as pa
+        from collections import Counter
+        keys, counts = shared.value
+        pid = _partition_id()
+        hist, fams, params = Counter(), set(), set()
+        shared_sum, reusable_sum = 0, 0.0
+        for rb in batches:
+            blocks = rb.column("blocks")
+            has, family, root, shared_n, reusable = family_columns(
+                blocks.offsets.to_numpy(), blocks.values.to_numpy(), keys, counts)
+            n = rb.column("n_tokens").to_numpy(zero_copy_only=False).astype(np.int64)
+            triples, tc = np.unique(np.stack([has.astype(np.int64), np.where(has, root, 0), np.where(has, family, 0),
+                                              n], axis=1), axis=0, return_counts=True)
+            for (h, r, f, length), cnt in zip(triples.tolist(), tc.tolist()):
+                hist[(r if h else None, f if h else None, length)] += cnt
+            fams.update(np.unique(family[has]).tolist())
+            shared_sum += int(shared_n.sum())
+            reusable_sum += float(reusable.sum())
+            if batch_file:
+                params.update(rb.column("params").unique().to_pylist())
+            cols = [rb.column(i) for i, name in enumerate(rb.schema.names) if name != "blocks"]
+            names = [name for name in rb.schema.names if name != "blocks"]
+            yield pa.RecordBatch.from_arrays(cols + [pa.array(family, mask=~has), pa.array(root, mask=~has)],
+                                             names=names + ["family", "root"])
+        stats.add({("family", pid): {"hist": hist, "families": fams, "shared_blocks": shared_sum,
+                                     "reusable": reusable_sum, "params": params}})
+    return families
 
 
 def n_partitions(spark, data: dict, n_rows: int, batch: int) -> int:
@@ -252,59 +543,6 @@ def n_partitions(spark, data: dict, n_rows: int, batch: int) -> int:
     # pieces balance the slots), but not so many that a partition holds less than a batch.
     slots = spark.sparkContext.defaultParallelism
     return slots * max(1, min(4, math.ceil(n_rows / (batch * slots))))
-
-
-# ------------------------------------------------------------------ prefix families
-#
-# `blocks` holds the chain hash of each whole 16-token block of a row's token ids (the
-# engine's own prefix-cache identity, libinfer.engine.kv_cache.block_hashes): entry k stands
-# for tokens [0, 16(k+1)). Counting the rows per hash gives the prefix trie of the corpus
-# (c_k rows begin with this row's first k+1 blocks; c_k never grows with k). A row's family
-# is the node on its own path that saves the most prefill when computed once for all the
-# rows below it: argmax_k (c_k - 1) * (k + 1), ties to the shallower node. Why this node and
-# not a fixed depth or the deepest shared block:
-# - the hash of the first 1-4 blocks merges different tasks behind one common opening (a
-#   chat template's system turn, a shared instruction line) into one family;
-# - the deepest shared block splits a task into fragments: two queries that start with the
-#   same words share one more block (the one across the header's end) than the rest of
-#   their task, and would be a family of their own, in another partition;
-# - the argmax lands on the end of the task's header for every row of the task (60 rows x
-#   25 blocks saves far more than 3 rows x 26 or 240 rows x 1), whatever their query is.
-# Cost: one explode of n_tokens/16 longs per row, one shuffle by hash and one by row; no
-# broadcast, so it scales with the corpus like tokenizing does. Rows that share no block
-# with any other row have no family (null) and are clustered by length after the families.
-# A hash collision only misorders rows (the engine checks the tokens on every hit).
-
-def prefix_families(good):
-    """(row, family, shared_blocks, reusable) for every row that shares >= 1 leading block
-    with another row: family = the chosen node's hash, shared_blocks = the blocks it shares
-    with at least one other row, reusable = its share of the tokens a cache holding every
-    shared block once would not compute (summed over rows: sum over nodes of 16 (c - 1))."""
-    from pyspark.sql import functions as F
-    from pyspark.sql.window import Window
-    from libinfer.engine.kv_cache import BLOCK
-    nodes = good.select("row", F.posexplode("blocks").alias("k", "h"))
-    nodes = nodes.withColumn("c", F.count(F.lit(1)).over(Window.partitionBy("h"))).filter(F.col("c") >= 2)
-    saved = F.struct(((F.col("c") - 1) * (F.col("k") + 1)).alias("saved"), (-F.col("k")).alias("shallow"))
-    return nodes.groupBy("row").agg(F.max_by("h", saved).alias("family"), (F.max("k") + 1).alias("shared_blocks"),
-                                    F.sum(BLOCK * (F.col("c") - 1) / F.col("c")).alias("reusable"))
-
-
-def local_families(blocks: list[list[int]]) -> list[int | None]:
-    """The same family choice as `prefix_families`, in one process (the single-process
-    baseline and the tests' reference)."""
-    from collections import Counter
-    c = Counter(h for b in blocks for h in b)
-    return [max(((c[h] - 1) * (k + 1), -k, h) for k, h in enumerate(b) if c[h] >= 2)[2]
-            if b and c[b[0]] >= 2 else None for b in blocks]
-
-
-def with_families(good, families):
-    """good + family and root (the first block's hash; null without a family): sorting on
-    (root, family) keeps the families of one opening next to each other."""
-    from pyspark.sql import functions as F
-    keyed = good.join(families.select("row", "family"), "row", "left")
-    return keyed.withColumn("root", F.when(F.col("family").isNotNull(), F.col("blocks")[0]))
 
 
 def cluster(df, parts: int, mode: str):
@@ -325,16 +563,270 @@ def cluster(df, parts: int, mode: str):
     return df.repartitionByRange(parts, *fam, F.desc("n_tokens"), "id").sortWithinPartitions(*fam, "n_tokens", "id")
 
 
-def padding_of(df, batch: int) -> float:
-    """Padding waste of the batches a job forms: consecutive rows of each partition, in
-    order, cut into batches of `batch` rows, each padded to its longest row."""
-    def per_partition(batches):
-        import pandas as pd
-        lengths = [n for pdf in batches for n in pdf["n_tokens"].tolist()]
-        real, total = batch_padding(lengths, batch)
-        yield pd.DataFrame({"real": [real], "total": [total]})
-    rows = df.select("n_tokens").mapInPandas(per_partition, "real long, total long").collect()
-    return waste(sum(r.real for r in rows), sum(r.total for r in rows))
+def _padding_fn(batch: int, stats):
+    """The mapInArrow function in front of the writer: rows pass unchanged, in the order
+    they are written; the task reports the padding of its `batch`-row batches (the batches
+    generate forms from this partition) to `stats`."""
+    def padding(batches):
+        import numpy as np
+        pid = _partition_id()
+        lengths = []
+        for rb in batches:
+            lengths.append(rb.column("n_tokens").to_numpy(zero_copy_only=False))
+            yield rb
+        n = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
+        stats.add({("write", pid): {"rows": len(n), "padding": batch_waste_parts(n, batch)}})
+    return padding
+
+
+def modelled_padding(hist: dict, parts: int, batch: int, by_family: bool) -> float:
+    """Padding waste of `cluster(.., "prefix" if by_family else "length")` from the
+    (root, family, n_tokens) -> rows counts alone: the rows in the range partitioner's order
+    cut into `parts` equal ranges (what its sampled bounds aim at), each sorted as
+    sortWithinPartitions sorts it, cut into batches. Used for the orders the job did not
+    write (the written one is measured)."""
+    import numpy as np
+    if not hist:
+        return 0.0
+    def family_key(root, family):
+        return (root is None, root or 0, family or 0) if by_family else (False, 0, 0)
+    items = sorted(hist.items(), key=lambda kv: (family_key(kv[0][0], kv[0][1]), -kv[0][2]))
+    fams = {}
+    group = np.array([fams.setdefault(family_key(r, f), len(fams)) for (r, f, _), _ in items], dtype=np.int64)
+    counts = np.array([c for _, c in items], dtype=np.int64)
+    g = np.repeat(group, counts)
+    n = np.repeat(np.array([length for (_, _, length), _ in items], dtype=np.int64), counts)
+    bounds = np.arange(parts + 1, dtype=np.int64) * len(n) // parts
+    real = total = 0
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        order = np.lexsort((n[a:b], g[a:b]))
+        r, t = batch_waste_parts(n[a:b][order], batch)
+        real, total = real + r, total + t
+    return waste(real, total)
+
+
+def peak_rss() -> dict:
+    """Peak resident memory (VmHWM) of this driver process and of the Spark driver JVM it
+    started (in local mode the JVM also runs the executors' task threads; the Python workers
+    are separate processes)."""
+    def hwm(pid) -> int:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return 0
+    import resource
+    out = {"driver_peak_rss_bytes": hwm("self") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    try:
+        from pyspark import SparkContext
+        proc = getattr(SparkContext._gateway, "proc", None)
+        if proc is not None:
+            import psutil
+            jvm = [p for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+                   if "java" in p.name()]
+            if jvm:
+                out["driver_jvm_peak_rss_bytes"] = hwm(jvm[0].pid)
+    except Exception:  # noqa: BLE001 - a measurement, never a reason to fail the job
+        pass
+    return out
+
+
+def single_process_baseline(data: dict, model: dict, n_total: int, mode: str) -> dict:
+    """The same parse, clean, tokenize, dedupe, family, sort and write in this one process,
+    without Spark (the talk's 2.3 compares its distributed preprocessing against exactly
+    this), on the first `data.single_process_sample` records, streamed from the file; its
+    time is scaled to the corpus' `n_total` records (exact when the corpus is no larger), so
+    the driver holds the sample, never the corpus. The tokenizer's load is counted once."""
+    import tempfile
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from collections import Counter
+    from jobs._spark import worker_tokenizer
+    t0 = time.perf_counter()
+    tok, context = worker_tokenizer(model)
+    load = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    sample = min(data["single_process_sample"], data["limit"] or n_total or 1)
+    with open(data["path"], "rb") as f:
+        lines = (line.rstrip(b"\n") for line in f)
+        if data["format"] != "text":
+            lines = (line for line in lines if line.strip())
+        values = list(itertools.islice(lines, sample))
+    outs = [prepare_batch(np.arange(i, i + len(values[i:i + 10_000])), values[i:i + 10_000], data, tok, context)
+            for i in range(0, len(values), 10_000)]
+    table = pa.Table.from_batches(outs) if outs else None
+    if table is not None and table.num_rows:
+        ids = table.column("id").to_pylist()
+        seen = Counter(i for i in ids if i is not None)
+        ok = np.array([r is None and seen[i] == 1 for r, i in zip(table.column("reason").to_pylist(), ids)])
+        good = table.filter(pa.array(ok)).combine_chunks()
+        blocks = good.column("blocks").chunk(0) if good.num_rows else None
+        if blocks is not None:
+            h, c = np.unique(blocks.values.to_numpy(), return_counts=True)
+            has, family, root, _, _ = family_columns(blocks.offsets.to_numpy(), blocks.values.to_numpy(),
+                                                     h[c >= 2], c[c >= 2])
+            last = np.iinfo(np.int64).max          # nulls last
+            n = good.column("n_tokens").to_numpy()
+            _, id_rank = np.unique(np.array(good.column("id").to_pylist(), dtype=object), return_inverse=True)
+            keys = {"prefix": (id_rank, n, np.where(has, family, last), np.where(has, root, last)),
+                    "length": (id_rank, n), "none": (good.column("row").to_numpy(),)}[mode]
+            good = good.take(pa.array(np.lexsort(keys))).select(CLUSTERED_COLUMNS)
+            with tempfile.TemporaryDirectory() as tmp:
+                pq.write_table(good, f"{tmp}/c.parquet")
+    work = time.perf_counter() - t1
+    rows = len(values)
+    return {"single_process_s": load + work * (n_total / rows if rows else 1.0), "single_process_rows": rows,
+            "single_process_rows_per_s": rows / work if work else 0.0}
+
+
+def run_preprocess(spark, cfg, out: Output) -> dict:
+    """Preprocess into out/clustered and out/quarantine; returns the metrics (phase seconds in
+    metrics["_breakdown"])."""
+    from collections import Counter
+    from omegaconf import OmegaConf
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+    from libinfer.engine.kv_cache import BLOCK
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    fault = OmegaConf.to_container(cfg.fault, resolve=True)
+    batch = model["max_batch_size"]
+    batch_file = None
+    if data["format"] == "openai_batch":
+        from jobs import _batchfile
+        batch_file = {"base": _batchfile.base_params(cfg), "seed": _batchfile.job_seed(cfg)}
+        progress(f"preprocess: OpenAI batch file; defaults of a line: {data['batch_defaults']}; "
+                 f"sampled lines without a seed get seed {batch_file['seed']}")
+    from jobs._model import ensure_model
+    ensure_model(cfg.model)   # a random-init test model is written here, not by racing workers
+    sc = spark.sparkContext
+    stats = sc.accumulator({}, DictMerge())
+    phases: dict[str, float] = {}
+    t0 = tp = time.perf_counter()
+
+    def phase(name: str) -> None:
+        nonlocal tp
+        now = time.perf_counter()
+        phases[name] = phases.get(name, 0.0) + now - tp
+        tp = now
+
+    progress(f"preprocess: reading {data['path']} ({data['format']})")
+    raw = read_corpus(spark, data)
+    slots = sc.defaultParallelism
+    if raw.rdd.getNumPartitions() < slots:   # a small file is one split: tokenize on every slot
+        raw = raw.repartition(slots, "row")
+    parsed = raw.mapInArrow(_prepare_arrow(data, model, fault, batch_file, stats, batch),
+                            PARSED_SCHEMA + (BATCH_SCHEMA if batch_file else ""))
+    parsed = parsed.persist(StorageLevel.MEMORY_AND_DISK)
+    extra = _batchfile.CLUSTERED_EXTRA if batch_file else []
+    shared = None
+    try:
+        # Pass 1 (cached): parse + tokenize; its first job also finds the duplicate ids.
+        dups = duplicate_ids(parsed)
+        phase("read_parse_tokenize")
+        parse = [v for k, v in stats.value.items() if k[0] == "parse"]
+        rows_read = sum(p["rows"] for p in parse)
+        n_ok = sum(p["ok"] for p in parse) - sum((r["ok"] - r["first_ok"]) if batch_file else r["ok"] for r in dups)
+        progress(f"preprocess: {rows_read} rows read and tokenized, {n_ok} usable, {rows_read - n_ok} to quarantine "
+                 f"({len(dups)} ids repeated)")
+        marked = mark_duplicates(spark, parsed, dups, later_only=batch_file is not None)
+        good = marked.filter(F.col("reason").isNull()).select(*CLUSTERED_COLUMNS, "blocks", *extra)
+        keys, counts = shared_blocks(good)
+        shared = sc.broadcast((keys, counts))
+        phase("families")
+        progress(f"preprocess: {len(keys)} blocks shared by >= 2 rows; clustering and writing")
+        parts = n_partitions(spark, data, n_ok, batch)
+        mode = _config.cluster_by(data)
+        keyed_schema = ("id string, text string, token_ids array<int>, n_tokens int, row long"
+                        + (", params string, guide string, request string" if batch_file else "")
+                        + ", family long, root long")
+        keyed = good.mapInArrow(_families_fn(shared, stats, batch_file is not None), keyed_schema)
+        clustered = cluster(keyed, parts, mode).select(*CLUSTERED_COLUMNS, *extra)
+        out.commit(clustered.mapInArrow(_padding_fn(batch, stats), clustered.schema), "clustered")
+        phase("cluster_write")
+        bad = marked.filter(F.col("reason").isNotNull()).select(
+            "id", "row", F.lit("preprocess").alias("stage"), "reason", F.coalesce("raw", "text").alias("raw"),
+            *(["error"] if batch_file else []))
+        out.commit(bad, "quarantine")
+        out.mark_complete("clustered")
+        phase("quarantine_write")
+        wall = time.perf_counter() - t0
+
+        # Statistics: from the accumulators of the passes above, no Spark job.
+        st = stats.value
+        fam = [v for k, v in st.items() if k[0] == "family"]
+        written = [v for k, v in st.items() if k[0] == "write"]
+        hist3 = Counter()
+        for f in fam:
+            hist3.update(f["hist"])
+        lengths = Counter()
+        for (_, _, n), c in hist3.items():
+            lengths[n] += c
+        hist = sorted(lengths.items())
+        n_out = sum(w["rows"] for w in written)
+        if n_out != sum(lengths.values()) or n_out != n_ok:
+            raise RuntimeError(f"preprocess: {n_out} rows written to clustered/ but {n_ok} usable rows counted")
+        prompt_tokens = sum(n * c for n, c in hist)
+        shared_tokens = BLOCK * sum(f["shared_blocks"] for f in fam)
+        metrics = {
+            "rows_in": rows_read, "rows_out": n_ok, "rows_quarantined": rows_read - n_ok,
+            "prompt_tokens": prompt_tokens, "partitions": parts, "cluster_by": mode,
+            "wall_s": wall, "rows_per_s": rows_read / wall if wall else 0.0,
+            "tokens_min": hist[0][0] if hist else 0, "tokens_max": hist[-1][0] if hist else 0,
+            # Few-shot headers: families, prompt tokens in blocks that >= 2 rows share, and the
+            # part of them a cache holding each shared block once need not compute.
+            "prefix_families": len(set().union(*(f["families"] for f in fam))),
+            "prefix_shared_tokens": shared_tokens,
+            "prefix_shared_share": shared_tokens / prompt_tokens if prompt_tokens else 0.0,
+            "prefix_reusable_tokens": round(sum(f["reusable"] for f in fam)),
+            # The batches generate forms from the written partitions (measured on the way to
+            # the writer), and from the other orders (modelled from the counts; arrival order
+            # measured on the input partitions).
+            "padding_waste": waste(sum(w["padding"][0] for w in written), sum(w["padding"][1] for w in written)),
+        }
+        arrival = waste(sum(p["arrival"][0] for p in parse), sum(p["arrival"][1] for p in parse))
+        for other, name in (("prefix", "prefix"), ("length", "sorted"), ("none", "unsorted")):
+            metrics[f"padding_waste_{name}"] = (metrics["padding_waste"] if other == mode else arrival
+                                                if other == "none" else
+                                                modelled_padding(hist3, parts, batch, by_family=other == "prefix"))
+        if batch_file:
+            metrics["param_sets"] = len(set().union(*(f["params"] for f in fam)) - {None})
+        metrics["_histogram"] = hist
+        phase("stats")
+        local = "://" not in str(data["path"]) and os.path.isfile(str(data["path"]))
+        if cfg.compare_single_process and local and data["format"] in ("jsonl", "text"):
+            single = single_process_baseline(data, model, rows_read, mode)
+            metrics.update(single, speedup_vs_single_process=single["single_process_s"] / wall)
+            scaled = (f", scaled from its first {single['single_process_rows']} rows"
+                      if single["single_process_rows"] < rows_read else "")
+            progress(f"preprocess: one process without Spark takes {single['single_process_s']:.1f}s{scaled}: "
+                     f"Spark is {single['single_process_s'] / wall:.2f}x that on {slots} task slots")
+            phase("single_process")
+        metrics.update(peak_rss())
+        metrics["_breakdown"] = dict(phases)
+        progress(f"preprocess: {n_ok} rows -> {out.path('clustered')} ({parts} partitions, cluster_by={mode}), "
+                 f"{rows_read - n_ok} -> {out.path('quarantine')}; {metrics['rows_per_s']:.1f} rows/s; "
+                 f"{prefix_line(metrics)}; {padding_line(metrics, batch)}")
+        progress(f"preprocess: {breakdown_line(phases)}; driver peak RSS {memory_line(metrics)}")
+        return metrics
+    finally:
+        parsed.unpersist()
+        if shared is not None:
+            shared.unpersist()
+
+
+def breakdown_line(phases: dict) -> str:
+    return "phases " + ", ".join(f"{k} {v:.1f}s" for k, v in phases.items())
+
+
+def memory_line(m: dict) -> str:
+    jvm = m.get("driver_jvm_peak_rss_bytes")
+    return f"{m['driver_peak_rss_bytes'] / 2**20:.0f} MiB (Python)" + (
+        f", {jvm / 2**20:.0f} MiB (JVM, with local executors' heap)" if jvm else "")
 
 
 def length_histogram(lengths_counts: list[tuple[int, int]], path: str) -> None:
@@ -351,124 +843,6 @@ def length_histogram(lengths_counts: list[tuple[int, int]], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
-
-
-def single_process_baseline(data: dict, model: dict) -> float:
-    """Seconds the same parse/clean/tokenize/sort/write takes in this one process, without
-    Spark (the talk's 2.3 compares its distributed preprocessing against exactly this)."""
-    import tempfile
-    import pandas as pd
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    t0 = time.perf_counter()
-    with open(data["path"], "rb") as f:
-        lines = [l.rstrip(b"\n") for l in f]
-    if data["format"] != "text":
-        lines = [l for l in lines if l.strip()]
-    if data["limit"]:
-        lines = lines[:data["limit"]]
-    prepare = _prepare_fn(data, model, {})
-    chunks = [lines[i:i + 10_000] for i in range(0, len(lines), 10_000)]
-    batches = (pd.DataFrame({"row": range(i * 10_000, i * 10_000 + len(c)), "value": c}) for i, c in enumerate(chunks))
-    out = pd.concat(list(prepare(batches)), ignore_index=True)
-    good = out[out["reason"].isna()].copy()
-    mode = _config.cluster_by(data)
-    if mode == "prefix":
-        good["family"] = pd.array(local_families(list(good["blocks"])), dtype="Int64")
-        good["root"] = pd.array([b[0] if f is not pd.NA else None for b, f in zip(good["blocks"], good["family"])],
-                                dtype="Int64")
-    keys = {"prefix": ["root", "family", "n_tokens", "id"], "length": ["n_tokens", "id"], "none": ["row"]}[mode]
-    good = good.sort_values(keys, na_position="last")
-    with tempfile.TemporaryDirectory() as tmp:
-        pq.write_table(pa.Table.from_pandas(good[CLUSTERED_COLUMNS]), f"{tmp}/c.parquet")
-    return time.perf_counter() - t0
-
-
-def run_preprocess(spark, cfg, out: Output) -> dict:
-    """Preprocess into out/clustered and out/quarantine; returns the metrics."""
-    from omegaconf import OmegaConf
-    from pyspark import StorageLevel
-    from pyspark.sql import functions as F
-    from libinfer.engine.kv_cache import BLOCK
-    data = OmegaConf.to_container(cfg.data, resolve=True)
-    model = OmegaConf.to_container(cfg.model, resolve=True)
-    fault = OmegaConf.to_container(cfg.fault, resolve=True)
-    batch_file = None
-    if data["format"] == "openai_batch":
-        from jobs import _batchfile
-        batch_file = {"base": _batchfile.base_params(cfg), "seed": _batchfile.job_seed(cfg)}
-        progress(f"preprocess: OpenAI batch file; defaults of a line: {data['batch_defaults']}; "
-                 f"sampled lines without a seed get seed {batch_file['seed']}")
-    from jobs._model import ensure_model
-    ensure_model(cfg.model)   # a random-init test model is written here, not by racing workers
-    t0 = time.perf_counter()
-    progress(f"preprocess: reading {data['path']} ({data['format']})")
-    raw = read_corpus(spark, data)
-    slots = spark.sparkContext.defaultParallelism
-    if raw.rdd.getNumPartitions() < slots:   # a small file is one split: tokenize on every slot
-        raw = raw.repartition(slots, "row")
-    parsed = raw.mapInPandas(_prepare_fn(data, model, fault, batch_file),
-                             PARSED_SCHEMA + (BATCH_SCHEMA if batch_file else ""))
-    parsed = (refuse_later_duplicates if batch_file else refuse_duplicates)(parsed)
-    parsed = parsed.withColumn("raw", F.when(F.col("reason").isNotNull(), F.coalesce("raw", "text")))
-    parsed = parsed.persist(StorageLevel.MEMORY_AND_DISK)
-    extra = _batchfile.CLUSTERED_EXTRA if batch_file else []
-    families = None
-    try:
-        counts = {r["ok"]: r["count"] for r in parsed.groupBy(F.col("reason").isNull().alias("ok")).count().collect()}
-        n_ok, n_bad = counts.get(True, 0), counts.get(False, 0)
-        progress(f"preprocess: {n_ok + n_bad} rows read, {n_ok} usable, {n_bad} to quarantine")
-        good = parsed.filter(F.col("reason").isNull()).select(*CLUSTERED_COLUMNS, "blocks", *extra)
-        bad = parsed.filter(F.col("reason").isNotNull()).select(
-            "id", "row", F.lit("preprocess").alias("stage"), "reason", "raw", *(["error"] if batch_file else []))
-        parts = n_partitions(spark, data, n_ok, model["max_batch_size"])
-        mode = _config.cluster_by(data)
-        families = prefix_families(good).persist(StorageLevel.MEMORY_AND_DISK)
-        keyed = with_families(good, families)
-        out.commit(cluster(keyed, parts, mode).select(*CLUSTERED_COLUMNS, *extra), "clustered")
-        out.commit(bad, "quarantine")
-        out.mark_complete("clustered")
-        wall = time.perf_counter() - t0
-        hist = sorted((r["n_tokens"], r["count"]) for r in good.groupBy("n_tokens").count().collect())
-        batch = model["max_batch_size"]
-        clustered_back = spark.read.parquet(out.path("clustered"))
-        prompt_tokens = sum(n * c for n, c in hist)
-        fam = families.agg(F.countDistinct("family").alias("n"), F.sum("shared_blocks").alias("blocks"),
-                           F.sum("reusable").alias("reusable")).first()
-        shared = BLOCK * (fam["blocks"] or 0)
-        metrics = {
-            "rows_in": n_ok + n_bad, "rows_out": n_ok, "rows_quarantined": n_bad,
-            "prompt_tokens": prompt_tokens, "partitions": parts, "cluster_by": mode,
-            "wall_s": wall, "rows_per_s": (n_ok + n_bad) / wall if wall else 0.0,
-            "tokens_min": hist[0][0] if hist else 0, "tokens_max": hist[-1][0] if hist else 0,
-            # Few-shot headers: families, prompt tokens in blocks that >= 2 rows share, and the
-            # part of them a cache holding each shared block once need not compute.
-            "prefix_families": fam["n"], "prefix_shared_tokens": shared,
-            "prefix_shared_share": shared / prompt_tokens if prompt_tokens else 0.0,
-            "prefix_reusable_tokens": round(fam["reusable"] or 0),
-            # The batches generate forms from these partitions, and from the other orders.
-            "padding_waste": padding_of(clustered_back, batch),
-        }
-        for other, name in (("prefix", "prefix"), ("length", "sorted"), ("none", "unsorted")):
-            metrics[f"padding_waste_{name}"] = metrics["padding_waste"] if other == mode else padding_of(
-                cluster(keyed.select("n_tokens", "row", "id", "family", "root"), parts, other), batch)
-        if batch_file:
-            metrics["param_sets"] = good.select("params").distinct().count()
-        metrics["_histogram"] = hist
-        local = "://" not in str(data["path"]) and os.path.isfile(str(data["path"]))
-        if cfg.compare_single_process and local and data["format"] in ("jsonl", "text"):
-            single = single_process_baseline(data, model)
-            metrics.update(single_process_s=single, speedup_vs_single_process=single / wall)
-            progress(f"preprocess: one process without Spark takes {single:.1f}s: Spark is "
-                     f"{single / wall:.2f}x that on {spark.sparkContext.defaultParallelism} task slots")
-        progress(f"preprocess: {n_ok} rows -> {out.path('clustered')} ({parts} partitions, cluster_by={mode}), "
-                 f"{n_bad} -> {out.path('quarantine')}; {metrics['rows_per_s']:.1f} rows/s; {prefix_line(metrics)}; "
-                 f"{padding_line(metrics, batch)}")
-        return metrics
-    finally:
-        parsed.unpersist()
-        if families is not None:
-            families.unpersist()
 
 
 def prefix_line(m: dict) -> str:

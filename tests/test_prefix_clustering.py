@@ -25,6 +25,17 @@ def test_local_families_pick_the_task_header():
     alone = [[500, 501], []]    # shares no block with anyone / shorter than one block
     fam = local_families(x + y + odd + alone)
     assert fam == [10] * 6 + [23] * 5 + [1] + [None, None]
+    # The job's numpy pick (family_columns, per Arrow batch) agrees with the reference.
+    import numpy as np
+    from jobs.preprocess import family_columns
+    rows = x + y + odd + alone
+    boff = np.r_[0, np.cumsum([len(b) for b in rows])]
+    flat = np.array([h for b in rows for h in b], dtype=np.int64)
+    keys, counts = np.unique(flat, return_counts=True)
+    has, family, root, shared, _ = family_columns(boff, flat, keys[counts >= 2], counts[counts >= 2])
+    assert [int(f) if h else None for h, f in zip(has, family)] == fam
+    assert [int(r) for r, h in zip(root, has) if h] == [1] * 12
+    assert list(shared) == [10] * 4 + [11] * 2 + [6] * 5 + [1, 0, 0]
 
 
 def read_partitions(out_dir: str, spark) -> list[pd.DataFrame]:

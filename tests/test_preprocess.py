@@ -58,17 +58,28 @@ def test_clusters_by_length_and_reports_padding(spark, run_cfg, tmp_path):
     assert all(a[1] <= b[0] for a, b in zip(ranges, ranges[1:]))
     assert m["padding_waste"] == m["padding_waste_sorted"] < m["padding_waste_unsorted"]
     assert sorted(pd.read_parquet(f"{cfg.out}/clustered")["id"]) == [f"r{i:03d}" for i in range(48)]
+    # The Arrow lists written are the tokenizer's own ids of the text written.
+    from jobs._spark import worker_tokenizer
+    from omegaconf import OmegaConf
+    tok, _ = worker_tokenizer(OmegaConf.to_container(cfg.model, resolve=True))
+    whole = pd.concat(parts)
+    assert [list(t) for t in whole["token_ids"]] == tok(list(whole["text"])).input_ids
+    assert set(m["_breakdown"]) >= {"read_parse_tokenize", "families", "cluster_write", "quarantine_write", "stats"}
+    assert m["_histogram"] == sorted(whole["n_tokens"].value_counts().items())
 
 
 def test_unsorted_keeps_arrival_order(spark, run_cfg, tmp_path):
     from jobs._spark import Output
     from jobs.preprocess import run_preprocess
     path = write_jsonl(tmp_path / "in.jsonl", mixed_corpus(20))
+    # The single-process comparison reads only its sample (the driver never holds the corpus).
     cfg = run_cfg(f"data.path={path}", "data.cluster_by=none", "data.num_partitions=2",
-                  "compare_single_process=true")
+                  "compare_single_process=true", "data.single_process_sample=8")
     m = run_preprocess(spark, cfg, Output(spark, cfg.out))
     assert m["padding_waste"] == m["padding_waste_unsorted"] > m["padding_waste_sorted"]
+    assert m["single_process_rows"] == 8 < m["rows_in"] == 20
     assert m["single_process_s"] > 0 and m["speedup_vs_single_process"] > 0
+    assert m["driver_peak_rss_bytes"] > 0
     df = pd.read_parquet(f"{cfg.out}/clustered")
     assert list(df["row"]) == sorted(df["row"])
 
@@ -89,3 +100,52 @@ def test_text_and_parquet_inputs_template(spark, run_cfg, tmp_path):
     assert (m["rows_out"], m["rows_quarantined"]) == (1, 1)
     q = pd.read_parquet(f"{cfg.out}/quarantine")
     assert list(q["id"]) == ["11"] and list(q["reason"]) == ["null text (no 'body' value)"]
+
+
+def test_prepare_batch_keeps_token_ids_as_arrow_lists(tiny_model):
+    """One Arrow batch through the first pass without Spark: token ids are a list<int32>
+    array equal to the tokenizer's own ids, refused rows are null there, and the block hashes
+    say which rows share which 16-token prefixes."""
+    import pyarrow as pa
+    from omegaconf import OmegaConf
+    from jobs._spark import worker_tokenizer
+    from jobs.preprocess import prepare_batch
+    tok, context = worker_tokenizer(OmegaConf.to_container(tiny_model, resolve=True))
+    head = "shared header words " * 8
+    texts = [head + "first query", head + "second query", "short", head + "first query and more"]
+    values = [f'{{"id": "a{i}", "prompt": "{t}"}}'.encode() for i, t in enumerate(texts)]
+    values.insert(2, b'{"id": "bad", "prompt": ""}')
+    data = {**DATA, "clean": CLEAN, "max_chars": 10_000, "template": None, "chat_template": False}
+    out = prepare_batch(list(range(5)), values, data, tok, context)
+    assert out.schema.field("token_ids").type == pa.list_(pa.int32())
+    ids = out.column("token_ids").to_pylist()
+    assert ids[2] is None and out.column("reason")[2].as_py().startswith("empty text")
+    want = tok([clean_text(t, CLEAN) for t in texts]).input_ids
+    assert [ids[i] for i in (0, 1, 3, 4)] == want
+    assert out.column("n_tokens").to_pylist() == [len(want[0]), len(want[1]), None, len(want[2]), len(want[3])]
+    blocks = out.column("blocks").to_pylist()
+    for i in (0, 1, 3, 4):     # one hash per whole block
+        assert len(blocks[i]) == len(ids[i]) // 16
+    for i, j in [(0, 1), (0, 4), (1, 4), (0, 3)]:
+        common = next((k for k, (x, y) in enumerate(zip(ids[i], ids[j])) if x != y), min(len(ids[i]), len(ids[j])))
+        shared = sum(1 for a, b in zip(blocks[i], blocks[j]) if a == b)
+        assert shared == common // 16, (i, j)
+
+
+def test_chain_hashes_identify_whole_block_prefixes():
+    import numpy as np
+    from jobs.preprocess import chain_hashes
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 50, size=64)
+    rows = [base, base[:48], np.r_[base[:32], base[32:] + 1], np.r_[base[:16], [0] * 16],  np.r_[base[:16], [0] * 15],
+            np.zeros(32, dtype=int), np.zeros(15, dtype=int), base[16:]]
+    offsets = np.r_[0, np.cumsum([len(r) for r in rows])]
+    boff, h = chain_hashes(offsets, np.concatenate(rows).astype(np.int32))
+    blocks = [list(h[a:b]) for a, b in zip(boff[:-1], boff[1:])]
+    assert [len(b) for b in blocks] == [len(r) // 16 for r in rows]
+    prefixes = {}
+    for r, b in zip(rows, blocks):      # equal hash <=> equal token prefix
+        for k, x in enumerate(b):
+            prefixes.setdefault(x, set()).add(tuple(r[:16 * (k + 1)]))
+    assert all(len(p) == 1 for p in prefixes.values())
+    assert len(prefixes) == len({tuple(r[:16 * (k + 1)]) for r in rows for k in range(len(r) // 16)})
