@@ -4,6 +4,7 @@ generator), fault injection for the exactly-once tests, and the entry-point wrap
 turns a bad path or config into one clear line and a non-zero exit."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -163,6 +164,41 @@ class Output:
             if self.fs.exists(staging_root) and not self.fs.listStatus(staging_root):
                 self.fs.delete(staging_root, True)
 
+    def uri(self, *parts: str) -> str:
+        """The fully qualified URI of a path (file:/abs/..., hdfs://...): what executors open."""
+        return self.fs.makeQualified(self._Path(self.path(*parts))).toUri().toString()
+
+    def move_in(self, files: list[str], name: str) -> int:
+        """Move whole files (qualified URIs, e.g. a task's staging files) into dataset `name`
+        under their own names. A rename is atomic, so a reader sees a file whole or not at all."""
+        self.fs.mkdirs(self._Path(self.path(name)))
+        for f in files:
+            src = self._Path(f)
+            if not self.fs.rename(src, self._Path(self.path(name, src.getName()))):
+                raise JobError(f"cannot move {f} into {self.path(name)}")
+        return len(files)
+
+    def parquet_rows(self, *parts: str) -> int:
+        """Rows of one Parquet file, from its footer (read on the driver, no Spark job)."""
+        footer = self._jvm.org.apache.parquet.hadoop.ParquetFileReader.readFooter(
+            self.spark._jsc.hadoopConfiguration(), self._Path(self.path(*parts)))
+        return sum(b.getRowCount() for b in footer.getBlocks())
+
+    def copy_in(self, src: "Output", src_name: str, name: str, prefix: str) -> int:
+        """Copy the Parquet files of `src`'s dataset `src_name` that hold rows into dataset
+        `name` as `prefix` + their names (written under a hidden name, then renamed). No
+        Spark job."""
+        files = [f for f in src.data_files(src_name) if src.parquet_rows(src_name, f) > 0]
+        util = self._jvm.org.apache.hadoop.fs.FileUtil
+        conf = self.spark._jsc.hadoopConfiguration()
+        self.fs.mkdirs(self._Path(self.path(name)))
+        for fname in files:
+            tmp = self._Path(self.path(name, f".{prefix}{fname}.{uuid.uuid4().hex[:8]}"))
+            util.copy(src.fs, src._Path(src.path(src_name, fname)), self.fs, tmp, False, conf)
+            if not self.fs.rename(tmp, self._Path(self.path(name, prefix + fname))):
+                raise JobError(f"cannot copy {fname} into {self.path(name)}")
+        return len(files)
+
     def read(self, name: str):
         """The committed rows of dataset `name` (None when it has no files yet)."""
         if not self.has_data(name):
@@ -250,6 +286,51 @@ def worker_generator(model_dict: dict, threads: int):
     return gen, time.perf_counter() - t0
 
 
+class TaskFiles:
+    """Executor side: Parquet files a task writes itself under a staging URI (pyarrow's
+    filesystems: local or shared paths, hdfs://, s3://, gs://), one file per kind, opened
+    on its first row, so an empty kind leaves no file. The driver moves the files that the
+    successful attempts reported (collect returns exactly one attempt per partition); a
+    failed or lost attempt's files stay in staging and are deleted with it."""
+
+    def __init__(self, staging_uri: str, schemas: dict):
+        from pyarrow import fs
+        self.fs, self.root = fs.FileSystem.from_uri(staging_uri)
+        self.staging_uri = staging_uri.rstrip("/")
+        self.schemas, self.writers, self.rows, self.write_s = schemas, {}, {}, 0.0
+        self.tag = uuid.uuid4().hex[:12]
+
+    def mark_attempt(self, part: int, attempt: int) -> None:
+        """An empty marker per started attempt: the driver counts partitions seen more than once."""
+        self.fs.create_dir(f"{self.root}/_attempts", recursive=True)
+        self.fs.open_output_stream(f"{self.root}/_attempts/{part}-{attempt}-{self.tag}").close()
+
+    def write(self, kind: str, part: int, columns: dict) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        n = len(next(iter(columns.values())))
+        if not n:
+            return
+        t0 = time.perf_counter()
+        if kind not in self.writers:
+            self.fs.create_dir(f"{self.root}/{kind}", recursive=True)
+            name = f"{kind}/part-{part:05d}-{self.tag}.parquet"
+            self.writers[kind] = (pq.ParquetWriter(f"{self.root}/{name}", self.schemas[kind], filesystem=self.fs),
+                                  name)
+            self.rows[kind] = 0
+        self.writers[kind][0].write_table(pa.Table.from_pydict(columns, schema=self.schemas[kind]))
+        self.rows[kind] += n
+        self.write_s += time.perf_counter() - t0
+
+    def close(self) -> list[tuple[str, str, int]]:
+        """(kind, file URI, rows) of every file written."""
+        t0 = time.perf_counter()
+        for w, _ in self.writers.values():
+            w.close()
+        self.write_s += time.perf_counter() - t0
+        return [(k, f"{self.staging_uri}/{name}", self.rows[k]) for k, (_, name) in self.writers.items()]
+
+
 def maybe_fail(fault: dict, stage: str, part: int) -> None:
     """Fault injection: the task of partition `fault.fail_partition` raises on its first
     `fault.attempts` attempts, so Spark's retry (or a resumed run) has to make up for it."""
@@ -278,3 +359,45 @@ def batch_padding(lengths, batch_size: int) -> tuple[int, int]:
 
 def waste(real: int, total: int) -> float:
     return 1.0 - real / total if total else 0.0
+
+
+class Breakdown:
+    """Where a job's wall time went: phases in seconds, printed with their share of the
+    wall at the end of the job and logged to MLflow as time.<phase>_s."""
+
+    def __init__(self, phases: dict | None = None):
+        self.phases: dict[str, float] = dict(phases or {})
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(name, time.perf_counter() - t0)
+
+    def add(self, name: str, seconds: float) -> None:
+        self.phases[name] = self.phases.get(name, 0.0) + max(0.0, seconds)
+
+    def update(self, phases: dict, prefix: str = "") -> None:
+        for k, v in phases.items():
+            self.add(prefix + k, v)
+
+    def lines(self, wall_s: float) -> list[str]:
+        """One line per phase, then what no phase covers ("other")."""
+        rows = list(self.phases.items()) + [("other", max(0.0, wall_s - sum(self.phases.values())))]
+        width = max(len(k) for k, _ in rows)
+        return [f"time: {k:<{width}} {v:8.2f}s {100 * v / wall_s if wall_s else 0:5.1f}%" for k, v in rows] + \
+            [f"time: {'wall':<{width}} {wall_s:8.2f}s"]
+
+    def metrics(self, wall_s: float) -> dict[str, float]:
+        m = {f"time.{k}_s": v for k, v in self.phases.items()}
+        m["time.other_s"] = max(0.0, wall_s - sum(self.phases.values()))
+        m["time.wall_s"] = wall_s
+        return m
+
+
+def process_age_s() -> float:
+    """Seconds since this process started (Python, imports and Hydra before the job's code)."""
+    import psutil
+    return max(0.0, time.time() - psutil.Process().create_time())

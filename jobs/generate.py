@@ -24,30 +24,51 @@ import json
 import os
 import random
 import time
+import uuid
 
 import hydra
 
 from jobs import _config
-from jobs._spark import JobError, Output, batch_padding, entry_point, maybe_fail, prepare_output, progress, waste
+from jobs._spark import (Breakdown, JobError, Output, batch_padding, entry_point, maybe_fail, prepare_output,
+                         process_age_s, progress, waste)
 
-OUT_SCHEMA = ("kind string, id string, prompt string, completions array<string>, finish_reasons array<string>, "
-              "n_prompt_tokens int, n_generated_tokens int, row long, reason string, metrics string, openai string")
+# What a generate task returns to the driver: one row per file it wrote (kind "result" or
+# "quarantine", its URI and rows) and one "metrics" row. The rows themselves never go
+# through Spark: the task writes them as Parquet under the wave's staging directory.
+MANIFEST_SCHEMA = "kind string, path string, rows long, metrics string"
 RESULT_COLUMNS = ["id", "prompt", "completions", "finish_reasons", "n_prompt_tokens", "n_generated_tokens"]
 INPUT_COLUMNS = ["id", "text", "token_ids", "n_tokens", "row"]
 
 
-def _generate_fn(model: dict, params: dict, threads: int, chunk_rows: int, fault: dict,
+def file_schemas(batch_file: bool) -> dict:
+    """The Parquet schemas of results/ and generate's quarantine/ files (an OpenAI batch
+    file's rows add row + response, and error)."""
+    import pyarrow as pa
+    res = [("id", pa.string()), ("prompt", pa.string()), ("completions", pa.list_(pa.string())),
+           ("finish_reasons", pa.list_(pa.string())), ("n_prompt_tokens", pa.int32()),
+           ("n_generated_tokens", pa.int32())]
+    q = [("id", pa.string()), ("row", pa.int64()), ("stage", pa.string()), ("reason", pa.string()),
+         ("raw", pa.string())]
+    if batch_file:
+        res += [("row", pa.int64()), ("response", pa.string())]
+        q += [("error", pa.string())]
+    return {"result": pa.schema(res), "quarantine": pa.schema(q)}
+
+
+def _generate_fn(model: dict, params: dict, threads: int, chunk_rows: int, fault: dict, staging: str,
                  batch_file: dict | None = None):
-    """The mapInPandas function: one partition through this worker's generator. For an
-    OpenAI batch file (`batch_file` = {"base", "model"}) each row has its own parameter set:
-    one call per set in each chunk, each row with its own guide, and the rows carry their
-    response body (results) or error (quarantine) for jobs/_batchfile.py's files."""
+    """The mapInPandas function: one partition through this worker's generator, its rows
+    written as Parquet files under `staging` (jobs._spark.TaskFiles), the manifest of those
+    files and the partition's metrics returned. For an OpenAI batch file (`batch_file` =
+    {"base", "model"}) each row has its own parameter set: one call per set in each chunk,
+    each row with its own guide, and the rows carry their response body (results) or error
+    (quarantine) for jobs/_batchfile.py's files."""
     def generate(batches):
         import pandas as pd
         import psutil
         from pyspark import TaskContext
         from libinfer import GenerationMetrics, GenerationParams, RequestOutput
-        from jobs._spark import worker_generator
+        from jobs._spark import TaskFiles, worker_generator
         if batch_file is not None:
             from jobs import _batchfile
         gp = GenerationParams.from_dict(params)
@@ -92,43 +113,57 @@ def _generate_fn(model: dict, params: dict, threads: int, chunk_rows: int, fault
             state["real"] += real
             state["total"] += total
             state["rows"] += sum(r.error is None for r in outs)
-            rows, created = [], int(time.time())
+            res = {c: [] for c in files.schemas["result"].names}
+            q = {c: [] for c in files.schemas["quarantine"].names}
+            created = int(time.time())
             requests = chunk["request"].tolist() if batch_file is not None else [None] * len(prompts)
             for r, p, rid, text, row, request in zip(outs, row_params, chunk["id"], chunk["text"], chunk["row"],
                                                      requests):
                 openai = None if batch_file is None else _batchfile.row_json(
                     request, r, p, batch_file, gen.tokenizer, int(row), rid, created)
                 if r.error is None:
-                    rows.append(("result", rid, text, [o.text for o in r.outputs], [o.finish_reason for o in r.outputs],
-                                 len(r.prompt_token_ids), sum(len(o.token_ids) for o in r.outputs), int(row), None,
-                                 None, openai))
+                    for c, v in (("id", rid), ("prompt", text), ("completions", [o.text for o in r.outputs]),
+                                 ("finish_reasons", [o.finish_reason for o in r.outputs]),
+                                 ("n_prompt_tokens", len(r.prompt_token_ids)),
+                                 ("n_generated_tokens", sum(len(o.token_ids) for o in r.outputs))):
+                        res[c].append(v)
+                    if batch_file is not None:
+                        res["row"].append(int(row))
+                        res["response"].append(openai)
                 else:
-                    rows.append(("quarantine", rid, text, None, None, None, None, int(row), r.error, None, openai))
-            return pd.DataFrame(rows, columns=[c.split()[0] for c in OUT_SCHEMA.split(", ")])
+                    for c, v in (("id", rid), ("row", int(row)), ("stage", "generate"), ("reason", r.error),
+                                 ("raw", text)):
+                        q[c].append(v)
+                    if batch_file is not None:
+                        q["error"].append(openai)
+            files.write("result", state["part"], res)
+            files.write("quarantine", state["part"], q)
 
+        files = TaskFiles(staging, file_schemas(batch_file is not None))
         pending = []
         for pdf in batches:
             if pdf.empty:
                 continue
             if state["part"] is None:
                 state["part"] = int(pdf["part"].iloc[0])
+                files.mark_attempt(state["part"], ctx.attemptNumber() if ctx else 0)
                 maybe_fail(fault, "generate", state["part"])
             pending.append(pdf)
             while sum(len(p) for p in pending) >= chunk_rows:
                 whole = pd.concat(pending, ignore_index=True)
                 pending = [whole.iloc[chunk_rows:]]
-                yield run(whole.iloc[:chunk_rows])
+                run(whole.iloc[:chunk_rows])
         if pending and sum(len(p) for p in pending):
-            yield run(pd.concat(pending, ignore_index=True))
+            run(pd.concat(pending, ignore_index=True))
         if state["part"] is None:
-            return   # an empty partition: no model, no metrics
+            return   # an empty partition (e.g. all done in a resumed run): no model, no files, no metrics
+        written = files.close()
         m = dataclasses.asdict(state["metrics"])
         m.update(load_s=state["load_s"], batch_real=state["real"], batch_total=state["total"], rows=state["rows"],
                  part=state["part"], pid=os.getpid(), attempt=ctx.attemptNumber() if ctx else 0,
-                 task_s=time.perf_counter() - state["t0"], rss_bytes=psutil.Process().memory_info().rss,
-                 threads=threads)
-        yield pd.DataFrame([("metrics", None, None, None, None, None, None, None, None, json.dumps(m), None)],
-                           columns=[c.split()[0] for c in OUT_SCHEMA.split(", ")])
+                 task_s=time.perf_counter() - state["t0"], write_s=files.write_s,
+                 rss_bytes=psutil.Process().memory_info().rss, threads=threads)
+        yield pd.DataFrame([*written, ("metrics", None, 0, json.dumps(m))], columns=["kind", "path", "rows", "metrics"])
     return generate
 
 
@@ -141,6 +176,24 @@ def resolve_params(cfg) -> dict:
     return params
 
 
+def footer_schema(spark, src: Output, name: str | None):
+    """The Spark schema a Spark-written Parquet file keeps in its footer, read on the driver
+    from one file (so reading the clustered data needs no schema-inference Spark job); None
+    when there is no file or no such key (then Spark infers it)."""
+    from pyspark.sql.types import StructType
+    files = src.data_files(name) if name else src.data_files()
+    if not files:
+        return None
+    try:
+        jvm = spark._jvm
+        footer = jvm.org.apache.parquet.hadoop.ParquetFileReader.readFooter(
+            spark._jsc.hadoopConfiguration(), src._Path(src.path(*([name] if name else []), files[0])))
+        meta = footer.getFileMetaData().getKeyValueMetaData().get("org.apache.spark.sql.parquet.row.metadata")
+        return StructType.fromJson(json.loads(meta)) if meta else None
+    except Exception:  # noqa: BLE001 - not a Spark-written Parquet file: let Spark infer (and complain)
+        return None
+
+
 def read_clustered(spark, in_dir: str):
     from pyspark.errors import AnalysisException
     src = Output(spark, in_dir)
@@ -150,7 +203,8 @@ def read_clustered(spark, in_dir: str):
     if src.exists("clustered") and not src.complete("clustered"):
         raise JobError(f"{path} is incomplete (no _SUCCESS): rerun jobs.preprocess")
     try:
-        df = spark.read.parquet(path)
+        schema = footer_schema(spark, src, "clustered" if src.exists("clustered") else None)
+        df = (spark.read.schema(schema) if schema is not None else spark.read).parquet(path)
     except AnalysisException as e:
         raise JobError(f"in: cannot read {path} as Parquet: {str(e).splitlines()[0]}") from None
     missing = [c for c in INPUT_COLUMNS if c not in df.columns]
@@ -196,7 +250,7 @@ def summarize(metric_rows: list[dict], wall_s: float) -> dict:
         "prefix_evictions": total("prefix_evictions"),
         "model_load_s": max(loads) if loads else 0.0, "model_loads": len(loads), "workers": len(peaks),
         "peak_memory_bytes": max(peaks.values()), "peak_memory_bytes_mean": sum(peaks.values()) / len(peaks),
-        "task_attempts_retried": sum(1 for m in metric_rows if m["attempt"] > 0),
+        "task_attempts_retried": sum(1 for m in metric_rows if m["attempt"] > 0),   # run_generate counts all
     }
 
 
@@ -216,74 +270,122 @@ def done_ids(out: Output):
     return ids.distinct()
 
 
+def carry_quarantine(src: Output, out: Output) -> int:
+    """Copy preprocess' quarantine files into out/quarantine once (as pre-<name>: a file
+    copy, no Spark job). Returns the number of files copied."""
+    if src.root == out.root or not any(src.parquet_rows("quarantine", f) for f in src.data_files("quarantine")):
+        return 0
+    if any(f.startswith("pre-") for f in out.data_files("quarantine")):
+        return 0
+    if out.has_data("quarantine"):    # an output written before the copies were named pre-
+        from pyspark.sql import functions as F
+        if out.read("quarantine").filter(F.col("stage") == "preprocess").limit(1).count():
+            return 0
+    return out.copy_in(src, "quarantine", "quarantine", "pre-")
+
+
+def run_wave(spark, wave, fn_for, out: Output) -> tuple[list[dict], dict]:
+    """One wave in one Spark job: the tasks generate and write their own files under a
+    staging directory and return a manifest (collect: one attempt per partition); the
+    driver moves the reported files into results/ and quarantine/. Returns the metrics
+    rows and {started attempts per partition, driver-side commit seconds}."""
+    staging = f"_staging/generate-{uuid.uuid4().hex[:12]}"
+    try:
+        rows = wave.mapInPandas(fn_for(out.uri(staging)), MANIFEST_SCHEMA).collect()
+        t0 = time.perf_counter()
+        for kind, name in (("result", "results"), ("quarantine", "quarantine")):
+            out.move_in([r.path for r in rows if r.kind == kind and r.rows > 0], name)
+        attempts: dict[int, int] = {}
+        for f in out.data_files(staging, "_attempts"):
+            part = int(f.split("-")[0])
+            attempts[part] = attempts.get(part, 0) + 1
+        return [json.loads(r.metrics) for r in rows if r.kind == "metrics"], \
+            {"attempts": attempts, "commit_s": time.perf_counter() - t0}
+    finally:
+        out.delete(staging)
+        if out.exists("_staging") and not out.fs.listStatus(out._Path(out.path("_staging"))):
+            out.delete("_staging")
+
+
 def run_generate(spark, cfg, in_dir: str, out: Output, resume: bool) -> dict:
+    """The generate stage: cfg.waves Spark jobs, each writing its rows once. Returns the
+    job metrics, with `_breakdown` (read, model load, generate, write, commit seconds)."""
     from omegaconf import OmegaConf
-    from pyspark import StorageLevel
     from pyspark.sql import functions as F
     from jobs._model import ensure_model
-    ensure_model(cfg.model)   # a random-init test model is written here, not by racing workers
-    model = OmegaConf.to_container(cfg.model, resolve=True)
-    fault = OmegaConf.to_container(cfg.fault, resolve=True)
-    params = resolve_params(cfg)
-    src, df = read_clustered(spark, in_dir)
-    batch_file = None
-    if "request" in df.columns:
-        from jobs import _batchfile
-        batch_file = {"base": _batchfile.base_params(cfg), "model": cfg.model.name}
-        out.delete("openai")       # a view of results + quarantine: written again at the end
-    df = df.withColumn("part", F.spark_partition_id())     # the cluster's identity, before any filter
-    n_parts = df.rdd.getNumPartitions()
-    if src.root != out.root:      # carry preprocess' quarantine over, once
-        q_in = src.read("quarantine")
-        q_out = out.read("quarantine")
-        carried = q_out is not None and q_out.filter(F.col("stage") == "preprocess").limit(1).count() > 0
-        if q_in is not None and not carried:
-            out.commit(q_in, "quarantine")
-    if resume:
-        done = done_ids(out)
-        if done is not None:
-            df = df.join(F.broadcast(done), "id", "left_anti")   # broadcast: keeps the clusters' partitions
-    todo = df.count()
-    progress(f"generate: {todo} rows in {n_parts} partitions from {in_dir}"
-             + (" (resume: the rest are done)" if resume else ""))
-    fn = _generate_fn(model, params, cfg.spark.task_cpus, cfg.chunk_rows, fault, batch_file)
-    res_extra = [F.col("row"), F.col("openai").alias("response")] if batch_file else []
-    q_extra = [F.col("openai").alias("error")] if batch_file else []
+    times = Breakdown()
+    with times.phase("read"):
+        ensure_model(cfg.model)   # a random-init test model is written here, not by racing workers
+        model = OmegaConf.to_container(cfg.model, resolve=True)
+        fault = OmegaConf.to_container(cfg.fault, resolve=True)
+        params = resolve_params(cfg)
+        src, df = read_clustered(spark, in_dir)
+        batch_file = None
+        if "request" in df.columns:
+            from jobs import _batchfile
+            batch_file = {"base": _batchfile.base_params(cfg), "model": cfg.model.name}
+            out.delete("openai")       # a view of results + quarantine: written again at the end
+        df = df.withColumn("part", F.spark_partition_id())     # the cluster's identity, before any filter
+        n_parts = df.rdd.getNumPartitions()                     # planning only, no Spark job
+        carry_quarantine(src, out)
+        if resume:
+            done = done_ids(out)
+            if done is not None:
+                df = df.join(F.broadcast(done), "id", "left_anti")   # broadcast: keeps the clusters' partitions
+    progress(f"generate: {n_parts} partitions from {in_dir}" + (" (resume: rows already done are skipped)"
+                                                                 if resume else ""))
+
+    def fn_for(staging: str):
+        return _generate_fn(model, params, cfg.spark.task_cpus, cfg.chunk_rows, fault, staging, batch_file)
+
     t0 = time.perf_counter()
     metric_rows: list[dict] = []
+    attempts: dict[int, int] = {}
+    commit_s = 0.0
     for w in range(cfg.waves):
         wave = df.filter((F.col("part") * cfg.waves / n_parts).cast("int") == w) if cfg.waves > 1 else df
-        res = wave.mapInPandas(fn, OUT_SCHEMA).persist(StorageLevel.MEMORY_AND_DISK)
-        try:
-            out.commit(res.filter(F.col("kind") == "result").select(*RESULT_COLUMNS, *res_extra), "results")
-            out.commit(res.filter(F.col("kind") == "quarantine").select(
-                "id", "row", F.lit("generate").alias("stage"), "reason", F.col("prompt").alias("raw"), *q_extra),
-                "quarantine")
-            metric_rows += [json.loads(r.metrics) for r in res.filter(F.col("kind") == "metrics").collect()]
-        finally:
-            res.unpersist()
+        rows, info = run_wave(spark, wave, fn_for, out)
+        metric_rows += rows
+        commit_s += info["commit_s"]
+        for p, n in info["attempts"].items():
+            attempts[p] = attempts.get(p, 0) + n
         if cfg.waves > 1:
-            progress(f"generate: wave {w + 1}/{cfg.waves} committed")
+            progress(f"generate: wave {w + 1}/{cfg.waves} committed ({sum(m['rows'] for m in rows)} rows)")
     out.mark_complete("results")
     out.mark_complete("quarantine")
     metrics = summarize(metric_rows, time.perf_counter() - t0)
+    metrics["task_attempts"] = sum(attempts.values())
+    metrics["task_attempts_retried"] = sum(n - 1 for n in attempts.values())
+    metrics["partitions_recomputed"] = sum(1 for n in attempts.values() if n > 1)
+    # In-task phases are summed over tasks; divided by the workers that ran side by side
+    # they are the wall they took (the rest of the waves' wall is generating).
+    slots = max(1, metrics.get("workers", 1))
+    load = sum(m["load_s"] for m in metric_rows) / slots
+    write = sum(m["write_s"] for m in metric_rows) / slots
+    times.add("model_load", load)
+    times.add("generate", metrics["wall_s"] - commit_s - load - write)
+    times.add("write", write)
+    times.add("commit", commit_s)
     if batch_file:
         from jobs._batchfile import write_files
-        metrics.update(write_files(out))
+        with times.phase("openai_files"):
+            metrics.update(write_files(out))
         progress(f"generate: OpenAI batch output: {metrics['openai_output_lines']} lines in "
                  f"{out.path('openai', 'output.jsonl')}, {metrics['openai_error_lines']} in "
                  f"{out.path('openai', 'errors.jsonl')}")
     metrics["_params"] = params
+    metrics["_breakdown"] = times.phases
     # One line per partition task: which worker ran it, its load, time and peak memory.
     metrics["_partitions"] = [{k: m[k] for k in ("part", "pid", "attempt", "rows", "prompt_tokens", "prefix_hit_tokens",
-                                                  "prefill_tokens", "generated_tokens", "task_s", "load_s",
+                                                  "prefill_tokens", "generated_tokens", "task_s", "load_s", "write_s",
                                                   "peak_memory_bytes", "rss_bytes", "threads")}
                               for m in sorted(metric_rows, key=lambda m: m["part"])]
     progress(f"generate: {metrics['rows']} rows, {metrics['generated_tokens']} generated tokens in "
              f"{metrics['wall_s']:.1f}s = {metrics.get('tokens_per_s', 0):.1f} tokens/s; padding waste "
              f"{100 * metrics.get('padding_waste', 0):.1f}% (job batches), "
              f"{100 * metrics.get('libinfer_padding_waste', 0):.1f}% (decode attention); "
-             f"model loads {metrics.get('model_loads', 0)} in {metrics.get('workers', 0)} workers")
+             f"model loads {metrics.get('model_loads', 0)} in {metrics.get('workers', 0)} workers; "
+             f"{metrics['task_attempts']} task attempts, {metrics['task_attempts_retried']} retried")
     progress(f"generate: {prefix_cache_line(metrics)}")
     progress(f"generate: results in {out.path('results')}, quarantine in {out.path('quarantine')}")
     return metrics
@@ -311,7 +413,9 @@ def log_generate(metrics: dict, prefix: str = "") -> None:
 @entry_point
 def main(cfg) -> None:
     from jobs._spark import session
-    from jobs._tracking import mlflow_run, run_url
+    from jobs._tracking import log_metrics, mlflow_run, run_url
+    t0 = time.perf_counter()
+    times = Breakdown({"python_start": process_age_s()})    # interpreter, imports, Hydra
     _config.validate(cfg)
     if not cfg.get("in"):
         raise JobError("in is not set: pass in=DIR (a jobs.preprocess output)")
@@ -320,13 +424,24 @@ def main(cfg) -> None:
     if os.path.abspath(str(cfg["in"])) == os.path.abspath(str(cfg.out)):
         raise JobError("in and out are the same directory: give generate its own out "
                        "(jobs.pipeline writes both stages into one)")
-    spark = session(cfg, " generate")
-    out = Output(spark, cfg.out)
-    prepare_output(out, ["results", "quarantine"], resume=cfg.resume, overwrite=cfg.overwrite)
+    with times.phase("spark_start"):
+        spark = session(cfg, " generate")
+        out = Output(spark, cfg.out)
+        prepare_output(out, ["results", "quarantine"], resume=cfg.resume, overwrite=cfg.overwrite)
+    mlflow_t0 = time.perf_counter()
     with mlflow_run(cfg, "generate") as run:
+        times.add("mlflow", time.perf_counter() - mlflow_t0)
         metrics = run_generate(spark, cfg, cfg["in"], out, cfg.resume)
+        times.update(metrics["_breakdown"])
+        mlflow_t0 = time.perf_counter()
         if run is not None:
             log_generate(metrics)
+        times.add("mlflow", time.perf_counter() - mlflow_t0)
+        wall = times.phases["python_start"] + time.perf_counter() - t0
+        if run is not None:
+            log_metrics(times.metrics(wall))
+        print("\n".join(["", f"generate done in {wall:.1f}s (whole process)", *times.lines(wall)]), flush=True)
+        if run is not None:
             progress(run_url(run))
     spark.stop()
 

@@ -7,7 +7,14 @@ Writes DIR2/clustered/ (the prompts clustered by prefix family and length), DIR2
 and DIR2/quarantine/ (with data.format=openai_batch also DIR2/openai/output.jsonl and
 errors.jsonl, see jobs/_batchfile.py); logs one MLflow run with both stages' metrics (`preprocess.*`,
 `generate.*`). With resume=true a finished clustered/ is reused and ids already in results
-are skipped.
+are skipped. At the end it prints where the process' wall time went (Python start, Spark
+start, preprocess' phases, generate's read / model load / generate / write / commit, MLflow),
+one line per phase with its share, also logged as `time.<phase>_s`.
+
+Generate takes the clustered data from the files preprocess has just committed: each file is
+one cluster and one partition (`spark.sql.files.openCostInBytes`), so reading them is the
+hand-over that keeps the clusters' partitioning; the in-memory DataFrame would recompute
+preprocess. Reading them is a file listing and one footer on the driver, no Spark job.
 """
 from __future__ import annotations
 
@@ -21,7 +28,7 @@ import time
 import hydra
 
 from jobs import _config
-from jobs._spark import Output, entry_point, prepare_output, progress
+from jobs._spark import Breakdown, Output, entry_point, prepare_output, process_age_s, progress
 
 
 def summary_lines(pre: dict | None, gen: dict, out: Output, run) -> list[str]:
@@ -57,31 +64,46 @@ def main(cfg) -> None:
     from jobs.generate import log_generate, run_generate
     from jobs.preprocess import log_preprocess, run_preprocess
     from jobs.preprocess import check_local_path
+    t0 = time.perf_counter()
+    times = Breakdown({"python_start": process_age_s()})    # interpreter, imports, Hydra
     _config.validate(cfg)
     check_local_path("data.path", cfg.data.path)
-    t0 = time.perf_counter()
-    spark = session(cfg, " pipeline")
-    out = Output(spark, cfg.out)
-    reuse = cfg.resume and out.complete("clustered")
-    if not reuse:
-        # A resumed run whose preprocess did not finish starts over: ids were never handed out.
-        prepare_output(out, ["clustered", "quarantine", "results"], resume=False,
-                       overwrite=cfg.overwrite or (cfg.resume and not out.has_data("results")))
+    with times.phase("spark_start"):
+        spark = session(cfg, " pipeline")
+        out = Output(spark, cfg.out)
+        reuse = cfg.resume and out.complete("clustered")
+        if not reuse:
+            # A resumed run whose preprocess did not finish starts over: ids were never handed out.
+            prepare_output(out, ["clustered", "quarantine", "results"], resume=False,
+                           overwrite=cfg.overwrite or (cfg.resume and not out.has_data("results")))
+    mlflow_t0 = time.perf_counter()
     with mlflow_run(cfg, "pipeline") as run:
+        times.add("mlflow", time.perf_counter() - mlflow_t0)
         pre = None
         if reuse:
             progress(f"pipeline: reusing {out.path('clustered')} (resume=true)")
             prepare_output(out, ["results", "quarantine"], resume=True, overwrite=False)
         else:
+            pre_t0 = time.perf_counter()
             pre = run_preprocess(spark, cfg, out)
+            pre_s = time.perf_counter() - pre_t0
+            phases = pre.get("_breakdown") or {}
+            times.update(phases, prefix="preprocess.")
+            if sum(phases.values()) < pre_s:      # what preprocess' own phases do not cover
+                times.add("preprocess" + (".other" if phases else ""), pre_s - sum(phases.values()))
         gen = run_generate(spark, cfg, cfg.out, out, resume=cfg.resume)
-        wall = time.perf_counter() - t0
+        times.update(gen["_breakdown"], prefix="generate.")
+        mlflow_t0 = time.perf_counter()
         if run is not None:
             if pre:
                 log_preprocess(pre, prefix="preprocess.")
             log_generate(gen, prefix="generate.")
-            log_metrics({"wall_s": wall})
-        print("\n".join(["", f"pipeline done in {wall:.1f}s", *summary_lines(pre, gen, out, run)]), flush=True)
+        times.add("mlflow", time.perf_counter() - mlflow_t0)
+        wall = times.phases["python_start"] + time.perf_counter() - t0
+        if run is not None:
+            log_metrics({"wall_s": wall, **times.metrics(wall)})
+        print("\n".join(["", f"pipeline done in {wall:.1f}s (whole process)", *summary_lines(pre, gen, out, run),
+                         *times.lines(wall)]), flush=True)
     spark.stop()
 
 

@@ -1,5 +1,6 @@
 """jobs.generate: results and metrics, the model built once per worker, exactly once under
-a task retry, a failed job, and a resumed run."""
+a task retry, a failed job, and a resumed run; one Spark job per wave, no zero-row files,
+the time breakdown."""
 from __future__ import annotations
 
 import os
@@ -38,9 +39,32 @@ def generate(spark, cfg, resume=False):
 IDS = [f"r{i:03d}" for i in range(N)]
 
 
+def counting_jobs(spark, fn):
+    """(fn(), ids of the Spark jobs it ran): the jobs of a job group set around it."""
+    import uuid
+    sc = spark.sparkContext
+    group = f"test-{uuid.uuid4().hex[:8]}"
+    sc.setJobGroup(group, "counted by the test")
+    try:
+        result = fn()
+    finally:
+        sc.setLocalProperty("spark.jobGroup.id", None)
+    return result, sc.statusTracker().getJobIdsForGroup(group)
+
+
+def file_rows(out_dir) -> dict[str, int]:
+    """Rows of every Parquet file in results/ and quarantine/."""
+    import pyarrow.parquet as pq
+    return {f"{d}/{f}": pq.read_metadata(os.path.join(out_dir, d, f)).num_rows
+            for d in ("results", "quarantine") if os.path.isdir(os.path.join(out_dir, d))
+            for f in os.listdir(os.path.join(out_dir, d)) if not f.startswith(("_", "."))}
+
+
 def test_generate_results_metrics_and_one_model_per_worker(spark, run_cfg, clustered):
     cfg = run_cfg(f"in={clustered}", "generation=test1", "generation.stop_sequences=[]", "chunk_rows=7")
-    m = generate(spark, cfg)
+    m, jobs = counting_jobs(spark, lambda: generate(spark, cfg))
+    # One Spark job generates and writes everything (no persist read by three jobs, no count).
+    assert len(jobs) == 1, jobs
     res, q = read_out(cfg.out)
     assert_exactly_once(cfg.out, IDS)
     assert len(res) == N and q.empty
@@ -57,6 +81,15 @@ def test_generate_results_metrics_and_one_model_per_worker(spark, run_cfg, clust
     assert m["kv_bytes_per_row"] > 0 and m["prefill_tokens"] > 0
     assert {"prefix_hit_tokens", "prefill_tokens"} <= set(m["_partitions"][0])
     assert os.path.exists(f"{cfg.out}/results/_SUCCESS") and not os.path.exists(f"{cfg.out}/_staging")
+    # One file per partition that has rows of that kind: 4 results files, no quarantine file.
+    assert sorted(file_rows(cfg.out).values()) == sorted(m["_partitions"][i]["rows"] for i in range(4))
+    assert m["task_attempts"] == 4 and m["task_attempts_retried"] == 0 == m["partitions_recomputed"]
+    t = m["_breakdown"]
+    assert {"read", "model_load", "generate", "write", "commit"} <= set(t) and min(t.values()) >= 0
+    assert 0 < t["generate"] <= m["wall_s"]   # model_load is 0 where an earlier test loaded it
+    from jobs._spark import Breakdown
+    lines = Breakdown(t).lines(m["wall_s"] + 1)
+    assert len(lines) == len(t) + 2 and lines[-2].startswith("time: other") and "%" in lines[0]
 
     # Same rows as the generator itself gives on the same token ids (greedy: deterministic).
     from jobs._model import build_generator
@@ -70,10 +103,13 @@ def test_generate_results_metrics_and_one_model_per_worker(spark, run_cfg, clust
 
 
 def test_task_retry_is_exactly_once(spark, run_cfg, clustered):
-    cfg = run_cfg(f"in={clustered}", "fault.fail_partition=1", "fault.attempts=1")
-    m = generate(spark, cfg)
-    assert m["task_attempts_retried"] >= 1
+    cfg = run_cfg(f"in={clustered}", "fault.fail_partition=1", "fault.attempts=1", "waves=2")
+    m, jobs = counting_jobs(spark, lambda: generate(spark, cfg))
+    assert len(jobs) == 2, jobs          # one job per wave
+    # The failed first attempt of partition 1 is counted, though the attempt that wrote is the 2nd.
+    assert m["task_attempts"] == 5 and m["task_attempts_retried"] == 1 and m["partitions_recomputed"] == 1
     assert_exactly_once(cfg.out, IDS)
+    assert len(file_rows(cfg.out)) == 4 and min(file_rows(cfg.out).values()) > 0
 
 
 def test_failed_job_leaves_no_partial_output(spark, run_cfg, clustered):
@@ -103,9 +139,13 @@ def test_resume_after_a_crash_finishes_exactly_once(spark, run_cfg, clustered):
     assert m["rows"] == N - len(half)
     assert first_files <= set(os.listdir(f"{cfg.out}/results"))   # the committed half is kept as is
     assert_exactly_once(cfg.out, IDS)
-    # Resuming a finished output does nothing and stays exactly once.
+    # The first wave's partitions are empty in the resumed run: no files for them.
+    files = file_rows(cfg.out)
+    assert min(files.values()) > 0 and len(files) == 4, files
+    # Resuming a finished output does nothing, writes nothing and stays exactly once.
     assert generate(spark, run_cfg(f"in={clustered}", "resume=true"), resume=True)["rows"] == 0
     assert_exactly_once(cfg.out, IDS)
+    assert file_rows(cfg.out) == files
 
 
 def test_prompt_over_context_with_output_goes_to_quarantine(spark, run_cfg, clustered):

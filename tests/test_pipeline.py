@@ -31,6 +31,14 @@ def test_pipeline_cli_real_model(job_env, tmp_path, smollm2):
                  "MLflow run", "mlflow ui --backend-store-uri", "cluster_by=prefix: 2 prefix families",
                  "of prompt tokens in shared prefixes", "prompt tokens reused"):
         assert text in p.stdout, text
+    # The time breakdown: one line per phase with its share, and the whole process' wall.
+    import re
+    phases = dict(re.findall(r"^time: (\S+)\s+([0-9.]+)s", p.stdout, re.M))
+    for k in ("python_start", "spark_start", "mlflow", "generate.read", "generate.model_load",
+              "generate.generate", "generate.write", "generate.commit", "other", "wall"):
+        assert k in phases, (k, phases)
+    assert any(k.startswith("preprocess") for k in phases)
+    assert abs(sum(float(v) for k, v in phases.items() if k != "wall") - float(phases["wall"])) < 0.1
 
     assert_exactly_once(out, [r["id"] for r in lines])
     res = pd.read_parquet(out / "results").set_index("id")
@@ -52,8 +60,10 @@ def test_pipeline_cli_real_model(job_env, tmp_path, smollm2):
     for k in ("preprocess.rows_per_s", "preprocess.padding_waste", "generate.tokens_per_s", "generate.latency_p95_s",
               "generate.padding_waste", "generate.model_load_s", "generate.peak_memory_bytes", "generate.prefill_s",
               "preprocess.prefix_shared_share", "generate.prefill_tokens", "generate.kv_bytes_per_row",
-              "generate.prefix_evictions"):
+              "generate.prefix_evictions", "generate.task_attempts", "generate.partitions_recomputed",
+              "time.spark_start_s", "time.generate.generate_s", "time.mlflow_s", "time.wall_s"):
         assert k in run.data.metrics, k
+    assert run.data.metrics["time.generate.generate_s"] == pytest.approx(float(phases["generate.generate"]), abs=0.01)
     # Two few-shot headers, four rows each: each header is computed once and read three times.
     assert run.data.metrics["preprocess.prefix_families"] == 2
     assert run.data.metrics["generate.prefix_hit_tokens"] > 0
