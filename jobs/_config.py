@@ -9,6 +9,7 @@ ranges, the generation parameters) by `validate`, which every job calls first.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -139,6 +140,18 @@ class FaultConf:
     attempts: int = 1                       # attempts that fail (>= spark.task_max_failures: the job fails)
 
 
+@dataclass
+class CostConf:
+    """What the executors cost (libinfer.lab.cost): the job summary's cost per 1M prompts and
+    per 1M generated tokens, jobs.compare's cost columns and jobs.plan's answer."""
+    usd_per_hour: Optional[float] = None    # one executor's price per hour; null = rates[kind] x its units
+    kind: str = "auto"                      # auto (gpu when model.device is cuda, else cpu) | a key of rates
+    executors: Optional[int] = None         # executors billed; null = the run's (see libinfer/lab/cost.py)
+    # USD per hour per unit: one vCPU for "cpu", one GPU for the others. Rough cloud
+    # on-demand list prices to start from, not quotes: set yours (cost.rates.cpu=0.03, +cost.rates.l4=0.8).
+    rates: Dict[str, float] = field(default_factory=lambda: {"cpu": 0.048, "gpu": 1.0})
+
+
 # Top-level keys. `in` is a Python keyword, so the root schema is a DictConfig holding the
 # typed group nodes rather than one dataclass.
 ROOT_KEYS: dict[str, Any] = {
@@ -149,7 +162,9 @@ ROOT_KEYS: dict[str, Any] = {
     "chunk_rows": 256,          # rows per generate call inside a partition
     "waves": 1,                 # generate commits its output in this many steps (resume granularity)
     "compare_single_process": False,   # preprocess: also time the same work in one process, no Spark
+    "run_date": None,           # YYYY-MM-DD or "today" (UTC): out (and generate's in) get /dt=YYYY-MM-DD
     "fault": OmegaConf.structured(FaultConf),
+    "cost": OmegaConf.structured(CostConf),
 }
 
 
@@ -209,11 +224,58 @@ def generation_params(gen_cfg):
 
 
 GROUPS = {"model": ModelConf, "data": DataConf, "generation": GenerationConf, "spark": SparkConf,
-          "mlflow": MlflowConf, "fault": FaultConf}
+          "mlflow": MlflowConf, "fault": FaultConf, "cost": CostConf}
+
+
+def parse_run_date(value) -> Optional[str]:
+    """`run_date` as YYYY-MM-DD: null stays null, "today" is today's UTC date."""
+    import datetime as dt
+    if value is None:
+        return None
+    text = str(value).strip()
+    if text.lower() == "today":
+        return dt.datetime.now(dt.timezone.utc).date().isoformat()
+    try:
+        if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
+            raise ValueError
+        return dt.date.fromisoformat(text).isoformat()
+    except ValueError:
+        raise ConfigError("run_date", f"must be a date YYYY-MM-DD, 'today' or null (got {text!r})") from None
+
+
+def dated(path: str, date: str, key: str) -> str:
+    """PATH -> PATH/dt=DATE; unchanged when PATH already ends in dt=DATE (validate may run twice)."""
+    root = str(path).rstrip("/")
+    last = root.rsplit("/", 1)[-1]
+    if last == f"dt={date}":
+        return root
+    if last.startswith("dt=") and key == "out":
+        raise ConfigError("out", f"already ends in {last} but run_date={date}: give out the undated root "
+                                 f"({root.rsplit('/', 1)[0]}), the job adds dt={date}")
+    if last.startswith("dt="):      # `in` naming one date explicitly (e.g. yesterday's preprocess output)
+        return root
+    return f"{root}/dt={date}"
+
+
+def resolve_run_date(cfg) -> None:
+    """run_date set: cfg.run_date becomes the date, cfg.out OUT/dt=DATE, and a `in` given as a
+    dated root (jobs.preprocess run_date=DATE out=ROOT) ROOT/dt=DATE."""
+    if "run_date" not in cfg:
+        return
+    date = parse_run_date(cfg.run_date)
+    if date is None:
+        return
+    cfg.run_date = date
+    if cfg.get("out"):
+        cfg.out = dated(cfg.out, date, "out")
+    if cfg.get("in"):
+        cfg["in"] = dated(cfg["in"], date, "in")
 
 
 def validate(cfg) -> None:
-    """Check the values the types cannot; raises ConfigError naming the key."""
+    """Check the values the types cannot; raises ConfigError naming the key. With `run_date`
+    set it also dates `out` and `in` (resolve_run_date), so every job's paths follow it."""
+    resolve_run_date(cfg)
     for group, conf_cls in GROUPS.items():     # `+group.key=...` appends past the schema
         if group in cfg:
             extra = sorted(set(cfg[group]) - set(field_names(conf_cls)))
@@ -259,6 +321,17 @@ def validate(cfg) -> None:
         _check("waves", cfg.waves >= 1, f"must be >= 1 (got {cfg.waves})")
     if "chunk_rows" in cfg:
         _check("chunk_rows", cfg.chunk_rows >= 1, f"must be >= 1 (got {cfg.chunk_rows})")
+    if "cost" in cfg:
+        validate_cost(cfg.cost)
+
+
+def validate_cost(c) -> None:
+    _check("cost.kind", c.kind == "auto" or c.kind in c.rates,
+           f"must be auto or one of cost.rates ({', '.join(c.rates)}) (got {c.kind!r})")
+    _check("cost.usd_per_hour", c.usd_per_hour is None or c.usd_per_hour >= 0, f"must be >= 0 (got {c.usd_per_hour})")
+    _check("cost.executors", c.executors is None or c.executors >= 1, f"must be >= 1 (got {c.executors})")
+    for k, v in c.rates.items():
+        _check(f"cost.rates.{k}", v >= 0, f"must be >= 0 (got {v})")
 
 
 def field_names(conf_cls) -> list[str]:
