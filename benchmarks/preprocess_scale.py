@@ -30,6 +30,7 @@ from _results import machine, write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Preprocessing at scale"
+EXPERIMENT = "preprocess-scale"
 
 
 def corpus(workdir: Path, n: int) -> Path:
@@ -41,26 +42,38 @@ def corpus(workdir: Path, n: int) -> Path:
 
 
 def run_job(args: list[str], workdir: Path, name: str, env: dict) -> dict:
-    """One `python -m jobs.preprocess` process; its metrics from MLflow, plus the process wall."""
-    import mlflow
-    uri = f"sqlite:///{workdir / 'mlflow.db'}"
-    exp = "preprocess-scale"
+    """One `python -m jobs.preprocess` process (its output kept in WORKDIR/NAME.log)."""
     cmd = [sys.executable, "-m", "jobs.preprocess", "data=jsonl", f"out={workdir / ('out_' + name)}",
-           f"mlflow.tracking_uri={uri}", f"mlflow.experiment={exp}", f"mlflow.run_name={name}", *args]
+           f"mlflow.tracking_uri=sqlite:///{workdir / 'mlflow.db'}", f"mlflow.experiment={EXPERIMENT}",
+           f"mlflow.run_name={name}", *args]
     print("+", " ".join(cmd[1:]), flush=True)
-    t0 = time.perf_counter()
+    t0, load0 = time.perf_counter(), os.getloadavg()[0]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
-    lines = [l for l in p.stdout.splitlines() if "preprocess:" in l]
-    print("\n".join(lines[-4:]), flush=True)
+    (workdir / f"{name}.log").write_text(p.stdout + f"\nprocess wall {wall:.1f}s\nload {load0:.1f} {os.getloadavg()[0]:.1f}\n")
     if p.returncode:
         raise SystemExit(f"{name} failed ({p.returncode}): {p.stderr[-2000:]}")
+    m = fetch(workdir, name)
+    print("\n".join(m["lines"][-3:]), flush=True)
+    return m
+
+
+def fetch(workdir: Path, name: str) -> dict | None:
+    """The metrics of run NAME from MLflow (None if it never finished), plus its printed phases."""
+    import mlflow
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
     client = mlflow.MlflowClient(tracking_uri=uri)
-    run = client.search_runs([client.get_experiment_by_name(exp).experiment_id],
-                             f"tags.mlflow.runName = '{name}'", order_by=["attributes.start_time DESC"])[0]
-    m = dict(run.data.metrics)
-    m["process_wall_s"] = wall
-    m["breakdown"] = next((l.split("phases ", 1)[1].split("; driver")[0] for l in lines if "phases " in l), "")
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    runs = exp and client.search_runs([exp.experiment_id], f"tags.mlflow.runName = '{name}'",
+                                      order_by=["attributes.start_time DESC"])
+    if not runs or "rows_per_s" not in runs[0].data.metrics:
+        return None
+    m = dict(runs[0].data.metrics)
+    log = workdir / f"{name}.log"
+    m["lines"] = [l for l in log.read_text().splitlines() if "preprocess:" in l] if log.exists() else []
+    loads = [l.split()[1:] for l in (log.read_text().splitlines() if log.exists() else []) if l.startswith("load ")]
+    m["loads"] = [float(x) for x in loads[0]] if loads else []
+    m["breakdown"] = next((l.split("phases ", 1)[1].split("; driver")[0] for l in m["lines"] if "phases " in l), "")
     return m
 
 
@@ -104,17 +117,24 @@ def main() -> None:
     ap.add_argument("--standalone-rows", type=int, default=200_000, help="0 = skip the standalone run")
     ap.add_argument("--workdir", default="/tmp/preprocess_scale")
     ap.add_argument("--note", default="", help="said beside the figures (e.g. the machine's load)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="run nothing: write the section from the runs already in WORKDIR's MLflow store")
     a = ap.parse_args()
     workdir = Path(a.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, HYDRA_RUN_ROOT=str(workdir / "hydra"), PYSPARK_PYTHON=sys.executable)
-    load0 = os.getloadavg()
     local = {}
-    for n in [int(s) for s in a.sizes.split(",") if s]:
-        local[n] = run_job([f"data.path={corpus(workdir, n)}", "spark=local2", "compare_single_process=true"],
-                           workdir, f"local2_{n}", env)
+    sizes = [int(s) for s in a.sizes.split(",") if s]
+    for n in sizes:
+        local[n] = fetch(workdir, f"local2_{n}") if a.report_only else run_job(
+            [f"data.path={corpus(workdir, n)}", "spark=local2", "compare_single_process=true"],
+            workdir, f"local2_{n}", env)
+    local = {n: m for n, m in local.items() if m}
     execs = {}
-    if a.standalone_rows:
+    if a.report_only:
+        execs = {k: fetch(workdir, f"standalone_{k}x1_{a.standalone_rows}") for k in (1, 2)}
+        execs = execs if all(execs.values()) else {}
+    elif a.standalone_rows:
         path = corpus(workdir, a.standalone_rows)
         master, procs = standalone(workdir, env)
         try:
@@ -126,9 +146,10 @@ def main() -> None:
         finally:
             for p in procs:
                 p.terminate()
-    load1 = os.getloadavg()
+    loads = [x for m in [*local.values(), *execs.values()] for x in m["loads"]] or [os.getloadavg()[0]]
 
-    cmd = (f"python benchmarks/preprocess_scale.py --sizes {a.sizes} --standalone-rows {a.standalone_rows}")
+    cmd = f"python benchmarks/preprocess_scale.py --sizes {a.sizes} --standalone-rows {a.standalone_rows}"
+    missing = [f"{n:,}" for n in sizes if n not in local]
     mib = lambda b: f"{b / 2**20:.0f}"   # noqa: E731
     rows = ["| rows | Spark local[2] rows/s | job wall s | one process rows/s (sample rows) | Spark / one process "
             "| driver peak RSS MiB: Python / JVM | phases |", "|---:|---:|---:|---:|---:|---:|---|"]
@@ -140,9 +161,12 @@ def main() -> None:
                     f"{mib(m.get('driver_jvm_peak_rss_bytes', 0))} | {m['breakdown']} |")
     text = [SECTION, "", f"`{cmd}` on {machine()}.", "",
             f"**Shared machine**: other helpers' Spark jobs and tests ran at the same time (load average "
-            f"{load0[0]:.1f} at the start, {load1[0]:.1f} at the end, on 2 cores), so absolute figures are "
+            f"{min(loads):.0f}-{max(loads):.0f} at the runs' starts and ends, on 2 cores), so absolute figures are "
             f"far below what the code does on an idle machine; ratios within one row were measured side by side. "
             + a.note, "", *rows, ""]
+    if missing:
+        text += [f"Not measured in this run: {', '.join(missing)} rows on local[2]"
+                 + ("" if execs or not a.standalone_rows else ", the standalone executors") + ".", ""]
     if execs:
         r1, r2 = execs[1]["rows_per_s"], execs[2]["rows_per_s"]
         text += [f"Standalone cluster (master + one worker on loopback), {a.standalone_rows:,} rows, executors of "
