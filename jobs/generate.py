@@ -338,6 +338,11 @@ def run_generate(spark, cfg, in_dir: str, out: Output, resume: bool) -> dict:
     def fn_for(staging: str):
         return _generate_fn(model, params, cfg.spark.task_cpus, cfg.chunk_rows, fault, staging, batch_file)
 
+    # A killed driver leaves its wave's staging directory behind (never moved: not output).
+    if out.exists("_staging"):
+        for st in out.fs.listStatus(out._Path(out.path("_staging"))):
+            if st.getPath().getName().startswith("generate-"):
+                out.fs.delete(st.getPath(), True)
     t0 = time.perf_counter()
     metric_rows: list[dict] = []
     attempts: dict[int, int] = {}
