@@ -109,7 +109,7 @@ def lines_of(phases: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=5000)
-    ap.add_argument("--stage-rows", type=int, default=20000)
+    ap.add_argument("--stage-rows", type=int, default=20000, help="0: skip the generate-stage comparison")
     ap.add_argument("--engine", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.engine:
@@ -130,6 +130,20 @@ def main() -> None:
           f"(load {eng['load_s']:.1f}s, generate() {eng['generate_s']:.1f}s) = {pipe_wall / eng_wall:.2f}x; "
           f"identical completions {same_a}/{n_a}\n{lines_of(pipe_t)}", flush=True)
 
+    cmd = f"python benchmarks/spark_overhead.py --rows {args.rows} --stage-rows {args.stage_rows}"
+    head = (f"{SECTION}\n\n`{cmd}` ({machine()}; model=tiny_random, generation=test1, spark=local2 (2 workers x 1 "
+            f"thread) against one process with {os.cpu_count()} threads; wall clocks of whole processes; one run "
+            f"each; the 2 cores were shared with other jobs while it ran: noisy figures).\n\n| what | Spark path | libinfer in one process | ratio | target |\n|---|---|---|---|---|\n"
+            f"| whole process, {args.rows} short prompts | `jobs.pipeline` {pipe_wall:.1f} s | load + `generate()` "
+            f"{eng_wall:.1f} s (load {eng['load_s']:.1f} s, generate {eng['generate_s']:.1f} s) | "
+            f"{pipe_wall / eng_wall:.2f}x | <= 1.5x |\n")
+    pipe_block = f"`jobs.pipeline`'s own breakdown (seconds, as it printed it):\n\n```\n{lines_of(pipe_t)}\n```\n"
+    if not args.stage_rows:
+        text = head + f"\nIdentical completions: {same_a}/{n_a} rows. The generate stage alone was not run " \
+                      f"(--stage-rows 0).\n\n" + pipe_block
+        print(f"wrote {write_section(SECTION, text)}")
+        return
+
     # 2. The generate stage alone.
     corpus(tmp / "b.jsonl", args.stage_rows, seed=2)
     timed(py + ["jobs.preprocess", f"data.path={tmp / 'b.jsonl'}", f"out={tmp / 'b-pre'}", *OVERRIDES,
@@ -145,31 +159,11 @@ def main() -> None:
           f"(whole processes {gen_wall:.1f}s vs {eng2_wall:.1f}s); identical completions {same_b}/{n_b}\n"
           f"{lines_of(gen_t)}", flush=True)
 
-    cmd = f"python benchmarks/spark_overhead.py --rows {args.rows} --stage-rows {args.stage_rows}"
-    text = f"""{SECTION}
-
-`{cmd}` ({machine()}; model=tiny_random, generation=test1, spark=local2 (2 workers x 1 thread)
-against one process with {os.cpu_count()} threads; wall clocks of whole processes; one run each).
-
-| what | Spark path | libinfer in one process | ratio | target |
-|---|---|---|---|---|
-| whole process, {args.rows} short prompts | `jobs.pipeline` {pipe_wall:.1f} s | load + `generate()` {eng_wall:.1f} s (load {eng['load_s']:.1f} s, generate {eng['generate_s']:.1f} s) | {pipe_wall / eng_wall:.2f}x | <= 1.5x |
-| generate stage, {args.stage_rows} rows | `jobs.generate` stage {stage:.1f} s (whole process {gen_wall:.1f} s) | `generate()` {eng2['generate_s']:.1f} s (whole process {eng2_wall:.1f} s) | {stage / eng2['generate_s']:.2f}x | <= 1.15x |
-
-Identical completions: {same_a}/{n_a} and {same_b}/{n_b} rows.
-
-`jobs.pipeline`'s own breakdown (seconds, as it printed it):
-
-```
-{lines_of(pipe_t)}
-```
-
-`jobs.generate`'s own breakdown:
-
-```
-{lines_of(gen_t)}
-```
-"""
+    text = head + (f"| generate stage, {args.stage_rows} rows | `jobs.generate` stage {stage:.1f} s (whole process "
+                   f"{gen_wall:.1f} s) | `generate()` {eng2['generate_s']:.1f} s (whole process {eng2_wall:.1f} s) | "
+                   f"{stage / eng2['generate_s']:.2f}x | <= 1.15x |\n\nIdentical completions: {same_a}/{n_a} and "
+                   f"{same_b}/{n_b} rows.\n\n") + pipe_block + \
+        f"\n`jobs.generate`'s own breakdown:\n\n```\n{lines_of(gen_t)}\n```\n"
     print(f"wrote {write_section(SECTION, text)}")
 
 
