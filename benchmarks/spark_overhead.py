@@ -3,7 +3,8 @@ through libinfer in one process, both timed as whole processes, with identical c
 
 1. Whole process, `--rows` short prompts (default 5,000): `jobs.pipeline` (Spark start,
    preprocess, generate, MLflow) against a process that loads the generator and calls
-   `generate()` once on the token ids the pipeline produced (`clustered/`), with all cores
+   `generate()` on the token ids the pipeline produced (`clustered/`), 256 rows per call, as
+   the job's tasks do, with all cores
    (target: pipeline within 1.5x).
 2. The generate stage alone, `--stage-rows` rows (default 20,000; the issue asks 100,000):
    `jobs.generate` on a `jobs.preprocess` output; its stage wall (the waves: model loads,
