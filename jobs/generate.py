@@ -67,8 +67,9 @@ def _generate_fn(model: dict, params: dict, threads: int, chunk_rows: int, fault
         import pandas as pd
         import psutil
         from pyspark import TaskContext
-        from libinfer import GenerationMetrics, GenerationParams, RequestOutput
+        from libinfer import GenerationMetrics, GenerationParams
         from jobs._spark import TaskFiles, worker_generator
+        from jobs._worker import generate_split
         if batch_file is not None:
             from jobs import _batchfile
         gp = GenerationParams.from_dict(params)
@@ -77,22 +78,10 @@ def _generate_fn(model: dict, params: dict, threads: int, chunk_rows: int, fault
                  "part": None, "t0": time.perf_counter()}
 
         def call(prompts, p, guides):
-            """One generate call; if it raises, row by row to isolate the row that breaks it."""
-            gen = state["gen"]
-            try:
-                res = gen.generate(prompts, p, guides=guides)
-                state["metrics"] = state["metrics"].merge(res.metrics)
-                return list(res)
-            except Exception:  # noqa: BLE001
-                pass
-            outs = []
-            for k, one_prompt in enumerate(prompts):
-                try:
-                    one = gen.generate([one_prompt], p, guides=None if guides is None else [guides[k]])
-                    state["metrics"] = state["metrics"].merge(one.metrics)
-                    outs.append(one[0])
-                except Exception as e:  # noqa: BLE001
-                    outs.append(RequestOutput(k, None, one_prompt, error=f"generator error: {type(e).__name__}: {e}"))
+            """One generate call that cannot fail the task: halved on out of memory, row by
+            row on any other error (jobs/_worker.py)."""
+            outs, m = generate_split(state["gen"], prompts, p, guides)
+            state["metrics"] = state["metrics"].merge(m)
             return outs
 
         def run(chunk):
@@ -419,6 +408,7 @@ def log_generate(metrics: dict, prefix: str = "") -> None:
 def main(cfg) -> None:
     from jobs._spark import session
     from jobs._tracking import log_metrics, mlflow_run, run_url
+    from libinfer.lab.cost import as_metrics, cost_line, job_cost
     t0 = time.perf_counter()
     times = Breakdown({"python_start": process_age_s()})    # interpreter, imports, Hydra
     _config.validate(cfg)
@@ -443,9 +433,11 @@ def main(cfg) -> None:
             log_generate(metrics)
         times.add("mlflow", time.perf_counter() - mlflow_t0)
         wall = times.phases["python_start"] + time.perf_counter() - t0
+        cost = job_cost(metrics, cfg, wall_s=wall)     # the whole process holds the executors
         if run is not None:
-            log_metrics(times.metrics(wall))
-        print("\n".join(["", f"generate done in {wall:.1f}s (whole process)", *times.lines(wall)]), flush=True)
+            log_metrics({**times.metrics(wall), **as_metrics(cost)})
+        print("\n".join(["", f"generate done in {wall:.1f}s (whole process)", cost_line(cost), *times.lines(wall)]),
+              flush=True)
         if run is not None:
             progress(run_url(run))
     spark.stop()

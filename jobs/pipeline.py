@@ -61,6 +61,7 @@ def summary_lines(pre: dict | None, gen: dict, out: Output, run) -> list[str]:
 def main(cfg) -> None:
     from jobs._spark import session
     from jobs._tracking import log_metrics, mlflow_run
+    from libinfer.lab.cost import as_metrics, cost_line, job_cost
     from jobs.generate import log_generate, run_generate
     from jobs.preprocess import log_preprocess, run_preprocess
     from jobs.preprocess import check_local_path
@@ -100,9 +101,11 @@ def main(cfg) -> None:
             log_generate(gen, prefix="generate.")
         times.add("mlflow", time.perf_counter() - mlflow_t0)
         wall = times.phases["python_start"] + time.perf_counter() - t0
+        cost = job_cost(gen, cfg, wall_s=wall)         # the whole process holds the executors
         if run is not None:
-            log_metrics({"wall_s": wall, **times.metrics(wall)})
+            log_metrics({"wall_s": wall, **times.metrics(wall), **as_metrics(cost)})
         print("\n".join(["", f"pipeline done in {wall:.1f}s (whole process)", *summary_lines(pre, gen, out, run),
+                         cost_line(cost),
                          *times.lines(wall)]), flush=True)
     spark.stop()
 
