@@ -146,7 +146,8 @@ class Output:
     def commit(self, df, name: str) -> int:
         """Write `df` as Parquet into dataset `name`: Spark writes it to a staging dir,
         then its files are moved in. Returns the number of files moved."""
-        staging = self.path("_staging", f"{name}-{uuid.uuid4().hex[:12]}")
+        rel = f"_staging/{name}-{uuid.uuid4().hex[:12]}"
+        staging = self.path(rel)
         try:
             df.write.mode("errorifexists").parquet(staging)
             self.fs.mkdirs(self._Path(self.path(name)))
@@ -159,10 +160,15 @@ class Output:
                     moved += 1
             return moved
         finally:
-            self.fs.delete(self._Path(staging), True)
-            staging_root = self._Path(self.path("_staging"))
-            if self.fs.exists(staging_root) and not self.fs.listStatus(staging_root):
-                self.fs.delete(staging_root, True)
+            self.drop_staging(rel)
+
+    def drop_staging(self, rel: str) -> None:
+        """Delete the staging directory `rel` (relative to root), and _staging/ itself once
+        nothing else is staged there."""
+        self.fs.delete(self._Path(self.path(rel)), True)
+        staging_root = self._Path(self.path("_staging"))
+        if self.fs.exists(staging_root) and not self.fs.listStatus(staging_root):
+            self.fs.delete(staging_root, True)
 
     def uri(self, *parts: str) -> str:
         """The fully qualified URI of a path (file:/abs/..., hdfs://...): what executors open."""

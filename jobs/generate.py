@@ -239,7 +239,6 @@ def summarize(metric_rows: list[dict], wall_s: float) -> dict:
         "prefix_evictions": total("prefix_evictions"),
         "model_load_s": max(loads) if loads else 0.0, "model_loads": len(loads), "workers": len(peaks),
         "peak_memory_bytes": max(peaks.values()), "peak_memory_bytes_mean": sum(peaks.values()) / len(peaks),
-        "task_attempts_retried": sum(1 for m in metric_rows if m["attempt"] > 0),   # run_generate counts all
     }
 
 
@@ -291,9 +290,7 @@ def run_wave(spark, wave, fn_for, out: Output) -> tuple[list[dict], dict]:
         return [json.loads(r.metrics) for r in rows if r.kind == "metrics"], \
             {"attempts": attempts, "commit_s": time.perf_counter() - t0}
     finally:
-        out.delete(staging)
-        if out.exists("_staging") and not out.fs.listStatus(out._Path(out.path("_staging"))):
-            out.delete("_staging")
+        out.drop_staging(staging)
 
 
 def run_generate(spark, cfg, in_dir: str, out: Output, resume: bool) -> dict:
