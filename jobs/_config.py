@@ -46,6 +46,7 @@ class ModelConf:
     path: Optional[str] = None          # null = the bundled SmolLM2 GGUF
     gguf_file: Optional[str] = None
     dtype: str = "float32"              # float32 | bfloat16 | float16
+    quantization: str = "none"          # none | int8 | int4: weight-only, CPU + bfloat16 (layers/linear.py)
     device: str = "cpu"                 # cpu | cuda | cuda:N
     tp_size: int = 1
     max_batch_size: int = 64            # KV-cache slots (rows decoded together)
@@ -286,6 +287,12 @@ def validate(cfg) -> None:
         _check("model.dtype", m.dtype in DTYPES, f"must be one of {', '.join(DTYPES)} (got {m.dtype!r})")
         _check("model.device", m.device == "cpu" or m.device.startswith("cuda"),
                f"must be cpu, cuda or cuda:N (got {m.device!r})")
+        try:
+            from libinfer.generator import parse_dtype
+            from libinfer.layers import check_quantization
+            check_quantization(m.get("quantization"), parse_dtype(m.dtype), m.device)
+        except ValueError as e:
+            raise ConfigError("model.quantization", str(e).removeprefix("model.quantization ")) from None
         for k in ("tp_size", "max_batch_size", "max_batch_tokens"):
             _check(f"model.{k}", m[k] >= 1, f"must be >= 1 (got {m[k]})")
         _check("model.kv_cache_gb", m.kv_cache_gb > 0, f"must be > 0 (got {m.kv_cache_gb})")

@@ -21,4 +21,5 @@ def build_generator(model_cfg, warmup: bool = True, **overrides) -> Generator:
                   kv_cache_gb=model_cfg.kv_cache_gb, prefix_cache=model_cfg.get("prefix_cache", True))
     engine.update(overrides)
     return Generator.from_pretrained(model_cfg.path, gguf_file=model_cfg.gguf_file, dtype=model_cfg.dtype,
-                                     device=model_cfg.device, tp_size=model_cfg.tp_size, warmup=warmup, **engine)
+                                     quantization=model_cfg.get("quantization", "none"), device=model_cfg.device,
+                                     tp_size=model_cfg.tp_size, warmup=warmup, **engine)

@@ -165,7 +165,7 @@ _CACHE: dict = {}   # one generator kept across the jobs of an in-process multir
 def get_generator(cfg):
     from jobs._model import build_generator
     m = cfg.model
-    key = (m.name, m.path, m.gguf_file, m.dtype, m.device, m.tp_size)
+    key = (m.name, m.path, m.gguf_file, m.dtype, m.get("quantization", "none"), m.device, m.tp_size)
     if _CACHE.get("key") != key:
         old = _CACHE.pop("gen", None)
         if old is not None:

@@ -14,7 +14,7 @@ from . import sampling
 from .engine.kv_cache import BLOCK, KVCache, PrefixCache, block_hashes
 from .engine.scheduler import Scheduler
 from .engine.sequence import RepetitionMask, Request, Sequence, StopRules
-from .layers import attention_groups
+from .layers import attention_groups, check_quantization
 from .loading import Checkpoint, ModelConfig
 from .metrics import GenerationMetrics, PeakMemory, Timer
 from .models import build
@@ -168,26 +168,33 @@ class Generator:
             eos.add(tokenizer.eos_token_id)
         self.eos_ids = sorted(eos)
         self.prefix_cache = prefix_cache
+        self.quantization = "none"     # set by from_pretrained
         self._guidance = None
         self.load_s = 0.0
         self.warmup_s = 0.0
 
     @classmethod
     def from_pretrained(cls, path=None, gguf_file: str | None = None, dtype="float32", device="cpu",
-                        tp_size: int = 1, warmup: bool = True, **engine) -> "Generator":
+                        tp_size: int = 1, warmup: bool = True, quantization: str | None = None,
+                        **engine) -> "Generator":
+        """quantization: none | int8 | int4, the projections' and LM head's weights quantised
+        at load (CPU, bfloat16 only; see layers/linear.py)."""
         t0 = time.perf_counter()
         device = torch.device(device)
         dt = parse_dtype(dtype)
+        quantization = check_quantization(quantization, dt, device)
         ckpt = Checkpoint.open(path, gguf_file)
         if tp_size > 1:
             from .parallel import TensorParallelRunner
-            runner = TensorParallelRunner(ckpt, tp_size, dt, device, timeout_s=engine.pop("tp_timeout_s", 300.0))
+            runner = TensorParallelRunner(ckpt, tp_size, dt, device, timeout_s=engine.pop("tp_timeout_s", 300.0),
+                                          quantization=quantization)
         else:
-            model = build(ckpt.config, dt, device)
+            model = build(ckpt.config, dt, device, quantization)
             model.load_weights(ckpt.tensors())
             runner = LocalRunner(model, device)
         gen = cls(runner, ckpt.load_tokenizer(), ckpt.config, **engine)
         gen.checkpoint = ckpt
+        gen.quantization = quantization
         gen.load_s = time.perf_counter() - t0
         if warmup:
             gen.warmup()

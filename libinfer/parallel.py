@@ -120,12 +120,13 @@ def _process_group(store, rank: int, world: int, device: torch.device, timeout_s
     return dist.ProcessGroupGloo(store, rank, world, timeout)
 
 
-def build_shard(ckpt: Checkpoint, rank: int, world: int, dtype, device, pg):
-    """This rank's model: local shapes, its slices of the weights, the all-reduce."""
+def build_shard(ckpt: Checkpoint, rank: int, world: int, dtype, device, pg, quantization: str = "none"):
+    """This rank's model: local shapes, its slices of the weights (quantised after slicing),
+    the all-reduce."""
     from .generator import LocalRunner
     from .models import build
     plan = ShardPlan(ckpt.config, rank, world)
-    model = build(plan.local_config(), dtype, device)
+    model = build(plan.local_config(), dtype, device, quantization)
     model.load_weights(ckpt.tensors(), shard=plan)
 
     model.all_reduce = lambda out: pg.allreduce([out]).wait()   # after each row-parallel projection
@@ -161,7 +162,7 @@ def _wait_key(store, key: str, procs, deadline: float) -> bytes:
 
 
 def _worker_main(rank: int, world: int, port: int, path: str, gguf_file, dtype: str, device: str,
-                 threads: int, timeout_s: float) -> None:
+                 threads: int, timeout_s: float, quantization: str = "none") -> None:
     """Rank 1..N-1: load the shard, then execute rank 0's runner calls until 'close'."""
     import pickle
     from .generator import parse_dtype
@@ -175,7 +176,7 @@ def _worker_main(rank: int, world: int, port: int, path: str, gguf_file, dtype: 
             dev = torch.device("cuda", rank)
         store.set(f"hello/{rank}", b"1")
         pg = _process_group(store, rank, world, dev, timeout_s)
-        runner = build_shard(Checkpoint.open(path, gguf_file), rank, world, parse_dtype(dtype), dev, pg)
+        runner = build_shard(Checkpoint.open(path, gguf_file), rank, world, parse_dtype(dtype), dev, pg, quantization)
         store.set(f"ready/{rank}", str(runner.weight_bytes()).encode())
         n = 0
         while True:
@@ -204,7 +205,7 @@ class TensorParallelRunner:
     """
 
     def __init__(self, ckpt: Checkpoint, tp_size: int, dtype, device, timeout_s: float = 300.0,
-                 threads_per_rank: int | None = None):
+                 threads_per_rank: int | None = None, quantization: str = "none"):
         import subprocess
         import sys
         self.world, self.timeout_s, self.broken, self._n, self._read = tp_size, timeout_s, None, 0, 0
@@ -220,7 +221,7 @@ class TensorParallelRunner:
         dtype_name = str(dtype).removeprefix("torch.")
         self.procs = [subprocess.Popen([sys.executable, "-m", "libinfer.parallel", str(r), str(tp_size),
                                         str(self.store.port), str(ckpt.folder), ckpt.gguf_file or "", dtype_name,
-                                        str(device), str(threads), str(timeout_s)],
+                                        str(device), str(threads), str(timeout_s), quantization],
                                        # c10d logs a C++ warning when rank 0 goes away; the rank then exits quietly
                                        env={**os.environ, "TORCH_CPP_LOG_LEVEL": "ERROR"})
                       for r in range(1, tp_size)]
@@ -229,7 +230,7 @@ class TensorParallelRunner:
             for r in range(1, tp_size):
                 _wait_key(self.store, f"hello/{r}", self.procs, deadline)
             pg = _process_group(self.store, 0, tp_size, self.device, timeout_s)
-            self.local = build_shard(ckpt, 0, tp_size, dtype, self.device, pg)
+            self.local = build_shard(ckpt, 0, tp_size, dtype, self.device, pg, quantization)
             self.rank_weight_bytes = [self.local.weight_bytes()] + [
                 int(_wait_key(self.store, f"ready/{r}", self.procs, deadline)) for r in range(1, tp_size)]
         except BaseException as e:
@@ -335,5 +336,5 @@ class TensorParallelRunner:
 
 if __name__ == "__main__":
     import sys
-    r, w, port, path, gguf, dt, dev, th, to = sys.argv[1:10]
-    _worker_main(int(r), int(w), int(port), path, gguf or None, dt, dev, int(th), float(to))
+    r, w, port, path, gguf, dt, dev, th, to, quant = sys.argv[1:11]
+    _worker_main(int(r), int(w), int(port), path, gguf or None, dt, dev, int(th), float(to), quant)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.config import ModelConfig
-from .linear import Dense, packable, project_out
+from .linear import dense, project_out
 from .norm import HeadNorm
 from .rotary import Rotary
 
@@ -97,11 +97,12 @@ class Attention(nn.Module):
         self.parts = {"o": "attn.wo.weight", **({"o_bias": "attn.wo.bias"} if cfg.o_bias else {}),
                       **({"q_norm": "attn.qk_norm.q", "k_norm": "attn.qk_norm.k"} if cfg.qk_norm else {})}
 
-    def prepare(self) -> None:
-        """Dense products for the hot path; a weight that was repacked is released."""
-        self.qkv, self.o = Dense(self.wqkv.weight, self.wqkv.bias), Dense(self.wo.weight, self.wo.bias)
-        for mod in (self.wqkv, self.wo):
-            if packable(mod.weight):
+    def prepare(self, quantization: str | None = None) -> None:
+        """Dense products for the hot path; a weight that was repacked or quantised is released."""
+        self.qkv = dense(self.wqkv.weight, self.wqkv.bias, quantization)
+        self.o = dense(self.wo.weight, self.wo.bias, quantization)
+        for mod, d in ((self.wqkv, self.qkv), (self.wo, self.o)):
+            if d.owns_weight:
                 mod.weight = nn.Parameter(mod.weight.new_empty(0), requires_grad=False)
         if self.qk_norm is not None:
             self.qk_norm.prepare()

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .linear import Dense, packable, project_out
+from .linear import dense, packable, project_out
 
 
 class GatedMLP(nn.Module):
@@ -16,15 +16,16 @@ class GatedMLP(nn.Module):
         self.w2 = nn.Linear(intermediate_size, hidden_size, bias=False)
         self.gate_up = self.gate = self.up = self.down = None
 
-    def prepare(self) -> None:
+    def prepare(self, quantization: str | None = None) -> None:
         w, i = self.w13.weight, self.w13.weight.shape[0] // 2
-        if packable(w):   # two products whose post-ops do act(gate) * up
-            self.gate, self.up = Dense(w[:i]), Dense(w[i:])
+        if packable(w) and quantization in (None, "none"):   # two products whose post-ops do act(gate) * up
+            self.gate, self.up = dense(w[:i]), dense(w[i:])
+            first = self.gate
         else:             # one product, then the elementwise ops
-            self.gate_up = Dense(w)
-        self.down = Dense(self.w2.weight)
-        for mod in (self.w13, self.w2):
-            if packable(mod.weight):
+            self.gate_up = first = dense(w, None, quantization)
+        self.down = dense(self.w2.weight, None, quantization)
+        for mod, d in ((self.w13, first), (self.w2, self.down)):
+            if d.owns_weight:
                 mod.weight = nn.Parameter(mod.weight.new_empty(0), requires_grad=False)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, all_reduce=None) -> torch.Tensor:

@@ -56,9 +56,10 @@ def family_for_gguf(arch: str) -> Family:
     raise ModelLoadError(f"GGUF architecture {arch!r} is not supported (supported: {', '.join(known)})")
 
 
-def build(cfg: ModelConfig, dtype, device):
-    """An empty model of cfg's family, ready for `load_weights`."""
-    return family(cfg.arch).model.empty(cfg, dtype, device)
+def build(cfg: ModelConfig, dtype, device, quantization: str = "none"):
+    """An empty model of cfg's family, ready for `load_weights` (which quantises the
+    projections when quantization is int8 or int4)."""
+    return family(cfg.arch).model.empty(cfg, dtype, device, quantization)
 
 
 __all__ = ["Family", "ModelConfig", "ModelLoadError", "build", "families", "family", "family_for_gguf",

@@ -9,7 +9,8 @@ sets `all_reduce`, which the row-parallel projections of each block then call.
 Weights arrive as (name, getter) pairs in our own names (`embed`, `norm`, `lm_head`,
 `layers.{i}.{part}`), mapped from HF or GGUF names by the family (models/<family>.py).
 After loading, `prepare()` makes each projection a `layers.Dense` (on CPU in bf16:
-oneDNN-packed weights with the activation, gate product and residual sum fused in).
+oneDNN-packed weights with the activation, gate product and residual sum fused in), or
+with `quantization` int8/int4 a `layers.QuantizedDense` (weight-only integer kernels).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from ..engine.kv_cache import KVCache
-from ..layers import Dense, RMSNorm, Rotary, Step
+from ..layers import Dense, QuantizedDense, RMSNorm, Rotary, Step, dense
 from ..layers.attention import decode_mask
 from .config import ModelConfig, ModelLoadError
 
@@ -39,17 +40,19 @@ class Decoder(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.ropes: dict = {}
         self.windows = sorted({cfg.window(i) for i in range(cfg.n_layers)}, key=lambda w: w or 0)
-        self.head: Dense | None = None
+        self.head: Dense | QuantizedDense | None = None
+        self.quantization = "none"  # set before load_weights: the projections' and the LM head's weight format
         self.all_reduce = None      # set by parallel.py on a tensor-parallel shard
         self.weight_nbytes = 0
         self.requires_grad_(False)
 
     @classmethod
-    def empty(cls, cfg: ModelConfig, dtype: torch.dtype, device) -> "Decoder":
+    def empty(cls, cfg: ModelConfig, dtype: torch.dtype, device, quantization: str = "none") -> "Decoder":
         """Build with uninitialised storage (no random init): `load_weights` fills it."""
         with torch.device("meta"):
             model = cls(cfg)
         model = model.to_empty(device=device).to(dtype)
+        model.quantization = quantization
         model.setup_rope(cfg.max_position)
         return model
 
@@ -60,13 +63,24 @@ class Decoder(nn.Module):
 
     def prepare(self) -> None:
         """Make the loaded weights ready for the hot path (see layers/linear.py). Where a
-        weight was repacked, the plain copy is released: the model holds its weights once."""
+        weight was repacked or quantised, the plain copy is released: the model holds its
+        weights once (a tied LM head quantised is the exception: the embeddings stay)."""
         self.weight_nbytes = sum(p.numel() * p.element_size() for p in self.parameters())
         for layer in self.layers:      # layer by layer: at most one layer is held twice
-            layer.prepare()
-        self.head = Dense(self.lm_head.weight)
-        if self.head.packed is not None and not self.cfg.tie_embeddings:
+            layer.prepare(self.quantization)
+        self.head = dense(self.lm_head.weight, None, self.quantization)
+        if self.head.owns_weight and not self.cfg.tie_embeddings:
             self.lm_head.weight = nn.Parameter(self.lm_head.weight.new_empty(0), requires_grad=False)
+        if self.quantization != "none":
+            self.weight_nbytes = self._quantized_nbytes()
+
+    def _quantized_nbytes(self) -> int:
+        """Bytes the weights hold when the products are quantised: the integers and scales
+        of every product, and the float parameters left (norms, embeddings)."""
+        products = [d for m in self.modules() for d in vars(m).values() if isinstance(d, QuantizedDense)]
+        ints = sum(t.numel() * t.element_size() for d in products for t in vars(d).values()
+                   if isinstance(t, torch.Tensor) and t is not d.bias)
+        return ints + sum(p.numel() * p.element_size() for p in self.parameters())
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         h = self.embed(tokens)

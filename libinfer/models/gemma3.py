@@ -26,9 +26,9 @@ class Gemma3Block(nn.Module):
         self.parts = {**{n: f"{n}.weight" for n in ("attn_norm", "post_attn_norm", "mlp_norm", "post_mlp_norm")},
                       **self.attn.parts, "down": "mlp.w2.weight"}
 
-    def prepare(self) -> None:
-        self.attn.prepare()
-        self.mlp.prepare()
+    def prepare(self, quantization: str | None = None) -> None:
+        self.attn.prepare(quantization)
+        self.mlp.prepare(quantization)
 
     def forward(self, h, step, kv):
         h = h + self.post_attn_norm(self.attn(self.attn_norm(h), step, kv))

@@ -25,9 +25,9 @@ class LlamaBlock(nn.Module):
         self.parts = {"attn_norm": "attn_norm.weight", "mlp_norm": "mlp_norm.weight", **self.attn.parts,
                       "down": "mlp.w2.weight"}
 
-    def prepare(self) -> None:
-        self.attn.prepare()
-        self.mlp.prepare()
+    def prepare(self, quantization: str | None = None) -> None:
+        self.attn.prepare(quantization)
+        self.mlp.prepare(quantization)
 
     def forward(self, h, step, kv):
         h = self.attn(self.attn_norm(h), step, kv, residual=h)
