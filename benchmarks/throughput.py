@@ -5,8 +5,10 @@ tokens with EOS ignored, the bundled SmolLM2-135M GGUF on every side; every side
 the same token ids. Baseline: `AutoModelForCausalLM.generate`, fp32, arrival-order
 batches of 16, left-padded (what a predict_batch_udf user gets). Ours: (a) arrival
 order in static batches of 16, (b) sorted by length, static, (c) continuous batching
-over --slots KV slots; fp32 and bf16. Peer: llama.cpp (llama-cpp-python) on the same
-GGUF file, one prompt at a time, when it is installed (`./run bench` installs it).
+over --slots KV slots; fp32 and bf16. Peer: llama.cpp (llama-cpp-python's low-level
+API, benchmarks/peer_llama_cpp.py) batching --slots sequences per llama_decode call, on
+the bundled GGUF as stored and in the other --peer-formats its quantizer makes, when it
+is installed and runs on this CPU (`./run bench` builds it).
 Each configuration runs --repeats times in this one process (medians reported),
 interleaved so machine noise hits every side alike.
 
@@ -33,6 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import machine, write_section  # noqa: E402
+import peer_llama_cpp  # noqa: E402
 
 from libinfer import Generator, GenerationParams, bundled_model  # noqa: E402
 
@@ -78,32 +81,6 @@ def run_hf(model, prompts, new: int, batch: int, pad_id: int) -> tuple[float, li
                                  min_new_tokens=new, pad_token_id=pad_id)
             outs += out[:, width:].tolist()
     return time.perf_counter() - t0, outs
-
-
-def run_llama_cpp(llm, prompts, new: int) -> tuple[float, list[list[int]]]:
-    """One prompt at a time (llama.cpp's Python API has no batched generate), greedy,
-    EOS ignored: we stop after `new` tokens ourselves."""
-    t0 = time.perf_counter()
-    outs = []
-    for p in prompts:
-        llm.reset()                      # no KV reuse from the previous prompt
-        toks = []
-        for tok in llm.generate(p, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
-            toks.append(tok)
-            if len(toks) == new:
-                break
-        outs.append(toks)
-    return time.perf_counter() - t0, outs
-
-
-def load_llama_cpp(threads: int, n_ctx: int):
-    try:
-        from llama_cpp import Llama
-    except ImportError:
-        return None
-    folder, gguf = bundled_model()
-    return Llama(model_path=os.path.join(folder, gguf), n_ctx=n_ctx, n_batch=512, n_threads=threads,
-                 n_threads_batch=threads, verbose=False)
 
 
 def _median_time(fn, repeats: int = 5) -> float:
@@ -160,6 +137,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-baseline", action="store_true", help="skip transformers (quick engine check)")
     ap.add_argument("--no-peer", action="store_true", help="skip llama.cpp even if it is installed")
+    ap.add_argument("--peer-formats", default="stored,q4_0,q8_0",
+                    help="llama.cpp weight formats (stored = the GGUF as shipped; others made by its quantizer)")
     ap.add_argument("--no-write", action="store_true", help="print only; do not touch RESULTS.md or MLflow")
     ap.add_argument("--mlflow-uri", default="sqlite:///mlflow.db")
     args = ap.parse_args()
@@ -195,19 +174,16 @@ def main() -> None:
         return res.metrics, toks
 
     configs = [(d, m) for d in dtypes for m in ("arrival", "sorted", "continuous")]
-    hf = llm = None
+    hf = None
     if not args.no_baseline:
         from transformers import AutoModelForCausalLM
         folder, gguf = bundled_model()
         print("loading transformers baseline (fp32) ...", flush=True)
         hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32).eval()
         run_hf(hf, prompts[:2], 2, 2, tok.eos_token_id)          # warm up, as ours does
-    if not args.no_peer:
-        llm = load_llama_cpp(args.threads, n_ctx=args.max_len + new + 16)
-        if llm is None:
-            print("llama-cpp-python is not installed: no peer row (./run bench installs it)", flush=True)
-        else:
-            run_llama_cpp(llm, prompts[:2], 2)
+    peer_reason = "--no-peer" if args.no_peer else peer_llama_cpp.unavailable_reason()
+    if peer_reason:
+        print(f"llama.cpp peer: none ({peer_reason})", flush=True)
 
     times: dict = {c: [] for c in configs}
     phases: dict = {c: [] for c in configs}
@@ -219,10 +195,6 @@ def main() -> None:
             times.setdefault("hf", []).append(wall)
             print(f"{tag} transformers fp32 batches of {args.batch}: {wall:.1f}s ({total_new / wall:.1f} tok/s)",
                   flush=True)
-        if llm is not None:
-            wall, tokens["llama.cpp"] = run_llama_cpp(llm, prompts, new)
-            times.setdefault("llama.cpp", []).append(wall)
-            print(f"{tag} llama.cpp one prompt at a time: {wall:.1f}s ({total_new / wall:.1f} tok/s)", flush=True)
         for c in configs:
             m, tokens[c] = ours_run(*c)
             times[c].append(m.wall_s)
@@ -230,6 +202,17 @@ def main() -> None:
             waste[c] = m.padding_waste
             print(f"{tag} libinfer {c[0]} {c[1]}: {m.wall_s:.1f}s ({total_new / m.wall_s:.1f} tok/s; prefill "
                   f"{m.prefill_s:.1f}s, decode {m.decode_s:.1f}s)", flush=True)
+
+    peer = {}
+    if not peer_reason:   # its own repeats, interleaved across formats (its contexts are loaded once)
+        formats = tuple(f for f in args.peer_formats.split(",") if f)
+        print(f"llama.cpp batched, {args.slots} sequences per llama_decode, formats {', '.join(formats)} ...",
+              flush=True)
+        peer = peer_llama_cpp.rows_for(prompts, new, args.threads, args.slots, args.prefill_tokens, formats,
+                                       args.repeats)
+        for f, (wall, toks) in peer.items():
+            times[f"llama.cpp {f}"], tokens[f"llama.cpp {f}"] = [wall], toks
+            print(f"llama.cpp {f} batched: {wall:.1f}s ({total_new / wall:.1f} tok/s)", flush=True)
 
     print("measuring this machine's limits ...", flush=True)
     cfg = ours["float32"].config
@@ -266,11 +249,14 @@ def main() -> None:
         pre, dec = (statistics.median(x) for x in zip(*phases[c]))
         rows.append(f"| libinfer | {c[0]} | {sched} | {med[c]:.1f} | {total_new / med[c]:.1f} | {ratio(c)} | "
                     f"{pre:.1f} | {dec:.1f} | {100 * waste[c]:.1f}% | {agree(tokens[c])} |")
-    if "llama.cpp" in med:
+    if peer:
         import llama_cpp
-        rows.append(f"| llama.cpp {llama_cpp.__version__} (peer) | Q4_1 weights as stored | one prompt at a time | "
-                    f"{med['llama.cpp']:.1f} | {total_new / med['llama.cpp']:.1f} | {ratio('llama.cpp')} | - | - | - | "
-                    f"{agree(tokens['llama.cpp'])} |")
+        for f in peer:
+            k = f"llama.cpp {f}"
+            what = "Q4_1 blocks as stored (Q8_0 embeddings)" if f == "stored" else f"{f} (its quantizer, from the stored)"
+            rows.append(f"| llama.cpp {llama_cpp.__version__} (peer) | {what} | batched, {args.slots} sequences per "
+                        f"llama_decode | {med[k]:.1f} | {total_new / med[k]:.1f} | {ratio(k)} | - | - | - | "
+                        f"{agree(tokens[k])} |")
     lim = ["| dtype | prefill achieved | large matmul (2048^3) | prefill share (target >= 60%) | "
            "batch-1 decode step | achieved weight bandwidth | copy bandwidth | decode share (target >= 50%) |",
            "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -305,7 +291,8 @@ def main() -> None:
         mlflow.log_params({"prompts": len(prompts), "new_tokens": new, "batch": args.batch, "slots": args.slots,
                            "repeats": args.repeats, "prefill_tokens": args.prefill_tokens})
         for k, v in med.items():
-            name = {"hf": "hf_fp32", "llama.cpp": "llama_cpp"}.get(k) or f"{k[0]}_{k[1]}"
+            name = ("hf_fp32" if k == "hf" else k.replace("llama.cpp ", "llama_cpp_") if isinstance(k, str)
+                    else f"{k[0]}_{k[1]}")
             mlflow.log_metric(f"{name}_wall_s", v)
             mlflow.log_metric(f"{name}_tokens_per_s", total_new / v)
             if base and k != "hf":
