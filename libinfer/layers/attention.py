@@ -65,16 +65,6 @@ def _attend(q, k, v, mask, scale):
     return o, m + torch.log(total)
 
 
-def _softmax_attend(q, k, v, mask, scale):
-    """softmax(q k^T * scale + mask) v with fp32 scores: on CPU in bf16 it takes half the
-    time of the flash kernel for a decode step of 4+ rows (one query per row)."""
-    s = torch.matmul(q, k.transpose(-1, -2)).float().mul_(scale).add_(mask)
-    return torch.matmul(torch.softmax(s, -1).to(v.dtype), v)
-
-
-MATMUL_DECODE_ROWS = 4      # bf16/fp16 CPU decode steps of this many rows use _softmax_attend
-
-
 def _merge(o1, lse1, o2, lse2):
     lse = torch.logaddexp(lse1, lse2)
     return o1 * torch.exp(lse1 - lse) + o2 * torch.exp(lse2 - lse)
@@ -187,18 +177,15 @@ class Attention(nn.Module):
         mask = step.masks[self.window]
         if step.segments:
             return self._decode_with_segments(qg, step, cache_k, cache_v, pool_k, pool_v, mask)
-        if qg.device.type == "cpu" and qg.dtype != torch.float32 and b >= MATMUL_DECODE_ROWS:
-            scale = self.scale if self.scale is not None else d ** -0.5
-            attend = lambda q, k, v, m: _softmax_attend(q, k, v, m, scale)  # noqa: E731
-        else:   # fp32 (the token-exact mode) and CUDA: the fused kernel
-            attend = lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=self.scale)  # noqa: E731
         if len(step.groups) == 1:
             L = step.groups[0][2]
-            o = attend(qg, cache_k[:b, :, :L], cache_v[:b, :, :L], mask)
+            o = F.scaled_dot_product_attention(qg, cache_k[:b, :, :L], cache_v[:b, :, :L], attn_mask=mask,
+                                               scale=self.scale)
         else:
             o = qg.new_empty(qg.shape)
             for a, e, L in step.groups:
-                o[a:e] = attend(qg[a:e], cache_k[a:e, :, :L], cache_v[a:e, :, :L], mask[a:e, :, :, :L])
+                o[a:e] = F.scaled_dot_product_attention(qg[a:e], cache_k[a:e, :, :L], cache_v[a:e, :, :L],
+                                                        attn_mask=mask[a:e, :, :, :L], scale=self.scale)
         return o.reshape(b, self.n_heads * d)
 
     def _decode_with_segments(self, qg, step, cache_k, cache_v, pool_k, pool_v, mask):

@@ -2,11 +2,7 @@
 
 Llama/Qwen: weight * normed.to(dtype). Gemma: (normed * (1 + weight)) in fp32, then cast
 (its weights are stored as offsets from 1). Statistics are fp32 in both, whatever the
-compute dtype, in the reference's order of operations (fp32 is token-exact).
-
-On CPU in bf16/fp16 the full-width norm is torch's fused kernel instead (one pass, one
-rounding at the end): this CPU's bf16 elementwise ops are slow, and the reference's eight
-passes cost 3.6x the fused one on 2048 rows (measured on the 2-core EPYC)."""
+compute dtype, in the reference's order of operations (fp32 is token-exact)."""
 from __future__ import annotations
 
 import torch
@@ -26,9 +22,6 @@ def _scale(xf: torch.Tensor, weight: torch.Tensor, unit_offset: bool, dtype: tor
     return weight * xf.to(dtype)
 
 
-_FUSED = getattr(torch.ops.aten, "_fused_rms_norm", None)
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, unit_offset: bool = False):
         super().__init__()
@@ -36,9 +29,6 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != torch.float32 and x.device.type == "cpu" and _FUSED is not None and not torch.is_grad_enabled():
-            weight = 1.0 + self.weight.float() if self.unit_offset else self.weight
-            return _FUSED(x, [x.shape[-1]], weight, self.eps)[0]
         return _scale(_normed(x, self.eps), self.weight, self.unit_offset, x.dtype)
 
 
