@@ -24,6 +24,12 @@ def machine() -> str:
             f"({torch.get_num_threads()} threads), {datetime.date.today().isoformat()}")
 
 
+def header(argv: list[str]) -> str:
+    """The lines every section starts with: the command that wrote it, the machine, the load."""
+    cmd = " ".join(["python", f"benchmarks/{Path(argv[0]).name}", *argv[1:]])
+    return f"Command: `{cmd}`  \nMachine: {machine()}; load average at the end {os.getloadavg()[0]:.1f}  \n"
+
+
 def write_section(title: str, text: str, path: Path = RESULTS) -> Path:
     """Replace (or append) the section whose heading is `title` ('## ...') with `text`."""
     old = path.read_text() if path.exists() else "# Benchmark results\n"

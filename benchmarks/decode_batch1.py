@@ -23,8 +23,6 @@ Results go to benchmarks/RESULTS.md, section '## Batch-1 decode' (unless --no-wr
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
 import statistics
 import sys
 import time
@@ -34,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peer_llama_cpp as peer  # noqa: E402
-from _results import machine, write_section  # noqa: E402
+from _results import header, write_section  # noqa: E402
 from throughput import workload  # noqa: E402
 
 from libinfer import Checkpoint, Generator, GenerationParams, bundled_model  # noqa: E402
@@ -148,10 +146,7 @@ def main() -> None:
     print(table)
     if args.no_write:
         return
-    cmd = "python benchmarks/decode_batch1.py " + " ".join(sys.argv[1:])
-    text = (f"{SECTION}\n\nCommand: `{cmd.strip()}`  \n"
-            f"Machine: {machine()}; {datetime.datetime.now():%Y-%m-%d %H:%M}; load average at the end "
-            f"{os.getloadavg()[0]:.1f}  \n"
+    text = (f"{SECTION}\n\n{header(sys.argv)}"
             f"Workload: one {len(prompt)}-token prompt (throughput.py's word prompts, seed 0), greedy, {new} new "
             f"tokens, EOS ignored, bundled SmolLM2-135M GGUF, {args.threads} threads; median of {args.repeats} runs, "
             "interleaved in one process. Decode tok/s = 1 / seconds per decode step (prefill excluded; "

@@ -15,7 +15,6 @@ Writes the '## Decode step profile' section of benchmarks/RESULTS.md (--no-write
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import machine, write_section  # noqa: E402
+from _results import header, write_section  # noqa: E402
 
 from libinfer import Generator, GenerationParams  # noqa: E402
 
@@ -137,9 +136,7 @@ def main() -> None:
     print(table)
     if args.no_write:
         return
-    cmd = "python benchmarks/decode_profile.py " + " ".join(sys.argv[1:])
-    text = (f"{SECTION}\n\nCommand: `{cmd.strip()}`  \nMachine: {machine()}; load average at the end "
-            f"{os.getloadavg()[0]:.1f}  \nBundled SmolLM2-135M, 64-token prompts, greedy, {args.steps} decode steps "
+    text = (f"{SECTION}\n\n{header(sys.argv)}Bundled SmolLM2-135M, 64-token prompts, greedy, {args.steps} decode steps "
             "profiled (prefill excluded); self CPU time per step of the profiled ops (the step time is the "
             "engine's own timer in an unprofiled call just before; 'outside ops' is that minus the ops' time: "
             "Python, scheduling and host work between kernels).\n\n"
