@@ -96,6 +96,32 @@ def session(cfg, app_suffix: str = ""):
     return spark
 
 
+@contextlib.contextmanager
+def sql_conf(spark, settings: dict):
+    """Runtime SQL settings for the actions inside the block, the session's own afterwards (a
+    pipeline runs preprocess and generate in one session and they read files differently)."""
+    old = {k: spark.conf.get(k, None) for k in settings}
+    for k, v in settings.items():
+        spark.conf.set(k, str(v))
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                spark.conf.unset(k)
+            else:
+                spark.conf.set(k, v)
+
+
+def input_splits(spark) -> dict:
+    """SQL settings that cut an input file into about 4 splits per task slot (Spark's own
+    rule: min(maxPartitionBytes, max(openCostInBytes, total bytes / minPartitionNum))). The
+    session's openCostInBytes of 128 MiB keeps each clustered file one partition for generate;
+    on the corpus it makes 128 MiB splits, e.g. 3 for 278 MB on 2 slots (the third running alone)."""
+    slots = spark.sparkContext.defaultParallelism
+    return {"spark.sql.files.openCostInBytes": 4 * 2**20, "spark.sql.files.minPartitionNum": 4 * slots}
+
+
 # ------------------------------------------------------------------------ output
 
 class Output:

@@ -13,8 +13,9 @@ and batch-tokenizes each partition, keeping token ids as Arrow list arrays (offs
 int32 values, never a Python list per row in the job's own code) and hashing every row's
 16-token blocks with numpy; that pass is cached. Two small aggregations of the cache find the
 duplicate ids and the blocks that >= 2 rows share (summaries: only those come to the driver),
-then a second Arrow pass picks each row's prefix family, Spark range-partitions and sorts, and
-a last pass measures the padding of the written batches on their way to the writer. Every
+then an iterator Arrow UDF over the block hashes alone picks each row's prefix family, Spark
+range-partitions and sorts, and a last UDF over n_tokens alone measures the padding of the
+written batches on their way to the writer (text and token ids stay in the JVM). Every
 statistic (length histogram, padding, prefix families) comes from those passes through
 accumulators keyed by partition (a retried or recomputed task replaces its entry, never adds a
 second one), not from extra Spark jobs over the data.
@@ -38,7 +39,8 @@ import hydra
 from pyspark.accumulators import AccumulatorParam
 
 from jobs import _config
-from jobs._spark import JobError, Output, entry_point, maybe_fail, prepare_output, progress, waste
+from jobs._spark import (JobError, Output, entry_point, input_splits, maybe_fail, prepare_output, progress,
+                         sql_conf, waste)
 
 PARSED_SCHEMA = ("row long, id string, text string, token_ids array<int>, n_tokens int, "
                  "blocks array<long>, reason string, raw string")
@@ -51,6 +53,20 @@ BATCH_SCHEMA = ", params string, guide string, request string, error string"
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _SPACES = re.compile(r"[^\S\n]+")          # whitespace runs other than newlines
 _SPACE_AROUND_NL = re.compile(r" ?\n ?")
+# The ASCII whitespace other than " " and "\n" (what str.isspace() and re's \s also accept).
+_ASCII_ODD_SPACES = ("  ", "\t", "\x0b", "\x0c", "\r", "\x1c", "\x1d", "\x1e", "\x1f")
+
+
+def collapse_whitespace(text: str) -> str:
+    """Runs of whitespace other than newlines -> one space, no space around a newline. The
+    regex passes cost most of the cleaning (re tests every character), so they run only where
+    they can change something: an ASCII text with no double space and no other whitespace
+    than single spaces and newlines is left as it is (the same result, found by substring
+    scans in C); a text without a newline skips the newline pass."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if not text.isascii() or any(s in text for s in _ASCII_ODD_SPACES):
+        text = _SPACES.sub(" ", text)
+    return _SPACE_AROUND_NL.sub("\n", text) if "\n" in text else text
 
 
 def clean_text(text: str, clean: dict) -> str:
@@ -59,7 +75,7 @@ def clean_text(text: str, clean: dict) -> str:
     if clean.get("strip_control"):
         text = _CONTROL.sub("", text)
     if clean.get("collapse_whitespace"):
-        text = _SPACE_AROUND_NL.sub("\n", _SPACES.sub(" ", text.replace("\r\n", "\n").replace("\r", "\n")))
+        text = collapse_whitespace(text)
     if clean.get("strip"):
         text = text.strip()
     return text
@@ -502,9 +518,22 @@ def local_families(blocks: list[list[int]]) -> list[int | None]:
             if b and c[b[0]] >= 2 else None for b in blocks]
 
 
-def _families_fn(shared, stats, batch_file: bool):
-    """The mapInArrow function of the second pass: drop `blocks`, add family and root; report
-    the task's (root, family, n_tokens) counts and family statistics to `stats`."""
+def _iter_hints(tuples: bool) -> dict:
+    """The type hints that make arrow_udf an iterator UDF (of column tuples, or of one column)."""
+    from typing import Iterator, Tuple
+    import pyarrow as pa
+    return {"batches": Iterator[Tuple[pa.Array, ...]] if tuples else Iterator[pa.Array], "return": Iterator[pa.Array]}
+
+
+def _families_udf(shared, stats, batch_file: bool):
+    """The second pass, an iterator Arrow UDF of (blocks, n_tokens[, params]) -> struct
+    (family, root, n_tokens): only those columns go to Python and back (the text and token
+    ids stay in the JVM; the range partitioner's sampling job and the shuffle each run it
+    once). n_tokens comes back as it went in and replaces the column, so that the UDF runs in
+    every order (cluster_by=length does not read family or root, and Spark would prune it).
+    Each task reports its (root, family, n_tokens) counts and family statistics to `stats`."""
+    from pyspark.sql.functions import arrow_udf
+
     def families(batches):
         import numpy as np
         import pyarrow as pa
@@ -513,11 +542,10 @@ def _families_fn(shared, stats, batch_file: bool):
         pid = _partition_id()
         hist, fams, params = Counter(), set(), set()
         shared_sum, reusable_sum = 0, 0.0
-        for rb in batches:
-            blocks = rb.column("blocks")
+        for cols in batches:
+            blocks, n = cols[0], cols[1].to_numpy(zero_copy_only=False).astype(np.int64)
             has, family, root, shared_n, reusable = family_columns(
                 blocks.offsets.to_numpy(), blocks.values.to_numpy(), keys, counts)
-            n = rb.column("n_tokens").to_numpy(zero_copy_only=False).astype(np.int64)
             triples, tc = np.unique(np.stack([has.astype(np.int64), np.where(has, root, 0), np.where(has, family, 0),
                                               n], axis=1), axis=0, return_counts=True)
             for (h, r, f, length), cnt in zip(triples.tolist(), tc.tolist()):
@@ -526,14 +554,13 @@ def _families_fn(shared, stats, batch_file: bool):
             shared_sum += int(shared_n.sum())
             reusable_sum += float(reusable.sum())
             if batch_file:
-                params.update(rb.column("params").unique().to_pylist())
-            cols = [rb.column(i) for i, name in enumerate(rb.schema.names) if name != "blocks"]
-            names = [name for name in rb.schema.names if name != "blocks"]
-            yield pa.RecordBatch.from_arrays(cols + [pa.array(family, mask=~has), pa.array(root, mask=~has)],
-                                             names=names + ["family", "root"])
+                params.update(cols[2].unique().to_pylist())
+            yield pa.StructArray.from_arrays([pa.array(family, mask=~has), pa.array(root, mask=~has), cols[1]],
+                                             names=["family", "root", "n_tokens"])
         stats.add({("family", pid): {"hist": hist, "families": fams, "shared_blocks": shared_sum,
                                      "reusable": reusable_sum, "params": params}})
-    return families
+    families.__annotations__ = _iter_hints(tuples=True)
+    return arrow_udf(families, "family long, root long, n_tokens int")
 
 
 def n_partitions(spark, data: dict, n_rows: int, batch: int) -> int:
@@ -563,20 +590,24 @@ def cluster(df, parts: int, mode: str):
     return df.repartitionByRange(parts, *fam, F.desc("n_tokens"), "id").sortWithinPartitions(*fam, "n_tokens", "id")
 
 
-def _padding_fn(batch: int, stats):
-    """The mapInArrow function in front of the writer: rows pass unchanged, in the order
-    they are written; the task reports the padding of its `batch`-row batches (the batches
-    generate forms from this partition) to `stats`."""
+def _padding_udf(batch: int, stats):
+    """An iterator Arrow UDF that returns n_tokens as it is, applied to the sorted partitions
+    in front of the writer: it sees the lengths in the order they are written (only that
+    column goes to Python), and the task reports the padding of its `batch`-row batches (the
+    batches generate forms from this partition) to `stats`."""
+    from pyspark.sql.functions import arrow_udf
+
     def padding(batches):
         import numpy as np
         pid = _partition_id()
         lengths = []
-        for rb in batches:
-            lengths.append(rb.column("n_tokens").to_numpy(zero_copy_only=False))
-            yield rb
+        for n in batches:
+            lengths.append(n.to_numpy(zero_copy_only=False))
+            yield n
         n = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
         stats.add({("write", pid): {"rows": len(n), "padding": batch_waste_parts(n, batch)}})
-    return padding
+    padding.__annotations__ = _iter_hints(tuples=False)
+    return arrow_udf(padding, "int")
 
 
 def modelled_padding(hist: dict, parts: int, batch: int, by_family: bool) -> float:
@@ -685,7 +716,12 @@ def single_process_baseline(data: dict, model: dict, n_total: int, mode: str) ->
 
 def run_preprocess(spark, cfg, out: Output) -> dict:
     """Preprocess into out/clustered and out/quarantine; returns the metrics (phase seconds in
-    metrics["_breakdown"])."""
+    metrics["_breakdown"]). The corpus is read in about 4 splits per task slot."""
+    with sql_conf(spark, input_splits(spark)):
+        return _run_preprocess(spark, cfg, out)
+
+
+def _run_preprocess(spark, cfg, out: Output) -> dict:
     from collections import Counter
     from omegaconf import OmegaConf
     from pyspark import StorageLevel
@@ -741,12 +777,12 @@ def run_preprocess(spark, cfg, out: Output) -> dict:
         progress(f"preprocess: {len(keys)} blocks shared by >= 2 rows; clustering and writing")
         parts = n_partitions(spark, data, n_ok, batch)
         mode = _config.cluster_by(data)
-        keyed_schema = ("id string, text string, token_ids array<int>, n_tokens int, row long"
-                        + (", params string, guide string, request string" if batch_file else "")
-                        + ", family long, root long")
-        keyed = good.mapInArrow(_families_fn(shared, stats, batch_file is not None), keyed_schema)
+        fam_in = ["blocks", "n_tokens"] + (["params"] if batch_file else [])
+        keyed = (good.withColumn("_fr", _families_udf(shared, stats, batch_file is not None)(*fam_in))
+                 .withColumn("n_tokens", F.col("_fr.n_tokens"))
+                 .select(*CLUSTERED_COLUMNS, *extra, "_fr.family", "_fr.root"))
         clustered = cluster(keyed, parts, mode).select(*CLUSTERED_COLUMNS, *extra)
-        out.commit(clustered.mapInArrow(_padding_fn(batch, stats), clustered.schema), "clustered")
+        out.commit(clustered.withColumn("n_tokens", _padding_udf(batch, stats)("n_tokens")), "clustered")
         phase("cluster_write")
         bad = marked.filter(F.col("reason").isNotNull()).select(
             "id", "row", F.lit("preprocess").alias("stage"), "reason", F.coalesce("raw", "text").alias("raw"),

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from conftest import mixed_corpus, write_jsonl
-from jobs.preprocess import clean_text, parse_record
+from jobs.preprocess import _SPACE_AROUND_NL, _SPACES, clean_text, collapse_whitespace, parse_record
 
 CLEAN = {"unicode_form": "NFC", "strip_control": True, "collapse_whitespace": True, "strip": True}
 DATA = {"format": "jsonl", "id_column": "id", "text_column": "prompt"}
@@ -16,6 +16,19 @@ def test_clean_text_normalises_unicode_controls_and_whitespace():
     assert clean_text("  e\u0301t\u00e9\x00\x07  a \t b\r\nQ:  x  ", CLEAN) == "\u00e9t\u00e9 a b\nQ: x"
     assert clean_text("keep\n\nblank lines", CLEAN) == "keep\n\nblank lines"
     assert clean_text(" raw\x01 ", {}) == " raw\x01 "
+
+
+def test_collapse_whitespace_fast_paths_equal_the_regexes():
+    # The substring checks skip the regex passes only where they cannot change the text: the
+    # same result as always running them, on random texts of every whitespace kind.
+    import random
+    rng = random.Random(0)
+    alphabet = ["a", "b", " ", " ", "\n", "\t", "\r", "\x0b", "\x0c", "\x1c", "\x1f", "\x85", "\xa0", "\u2003",
+                "\u3000", "\u00e9"]
+    for _ in range(5000):
+        t = "".join(rng.choice(alphabet[:rng.choice((4, 5, len(alphabet)))]) for _ in range(rng.randrange(12)))
+        want = _SPACE_AROUND_NL.sub("\n", _SPACES.sub(" ", t.replace("\r\n", "\n").replace("\r", "\n")))
+        assert collapse_whitespace(t) == want, repr(t)
 
 
 @pytest.mark.parametrize("value, want", [
