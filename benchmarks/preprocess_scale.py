@@ -77,6 +77,21 @@ def fetch(workdir: Path, name: str) -> dict | None:
     return m
 
 
+def tokenizer_ceiling(path: Path, rows: int = 20_000) -> dict:
+    """rows/s of the bundled tokenizer's batch encoder alone on one core (the first `rows`
+    prompts, uncleaned, no parse): the bound on what one task slot can preprocess."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    from libinfer import Checkpoint, bundled_model
+    tok = Checkpoint.open(*bundled_model()).load_tokenizer()
+    with open(path) as f:
+        texts = [json.loads(line)["prompt"] for _, line in zip(range(rows), f)]
+    t0 = time.perf_counter()
+    enc = tok.backend_tokenizer.encode_batch(texts, add_special_tokens=True)
+    ids = [e.ids for e in enc]
+    s = time.perf_counter() - t0
+    return {"rows": len(texts), "rows_per_s": len(texts) / s, "tokens_per_row": sum(map(len, ids)) / len(ids)}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -146,7 +161,7 @@ def main() -> None:
         finally:
             for p in procs:
                 p.terminate()
-    loads = [x for m in [*local.values(), *execs.values()] for x in m["loads"]] or [os.getloadavg()[0]]
+    ceiling = tokenizer_ceiling(corpus(workdir, sizes[0] if sizes else a.standalone_rows)) if not a.report_only else None
 
     cmd = f"python benchmarks/preprocess_scale.py --sizes {a.sizes} --standalone-rows {a.standalone_rows}"
     missing = [f"{n:,}" for n in sizes if n not in local]
@@ -159,11 +174,16 @@ def main() -> None:
                     f"{n / single if single else 0:,.0f} ({m.get('single_process_rows', 0):,.0f}) | "
                     f"{m.get('speedup_vs_single_process', 0):.2f}x | {mib(m.get('driver_peak_rss_bytes', 0))} / "
                     f"{mib(m.get('driver_jvm_peak_rss_bytes', 0))} | {m['breakdown']} |")
+    starts = [m["loads"][0] for m in [*local.values(), *execs.values()] if m["loads"]]
     text = [SECTION, "", f"`{cmd}` on {machine()}.", "",
-            f"**Shared machine**: other helpers' Spark jobs and tests ran at the same time (load average "
-            f"{min(loads):.0f}-{max(loads):.0f} at the runs' starts and ends, on 2 cores), so absolute figures are "
-            f"far below what the code does on an idle machine; ratios within one row were measured side by side. "
-            + a.note, "", *rows, ""]
+            f"1-min load average at the runs' starts: {min(starts or [0]):.1f}-{max(starts or [0]):.1f} (2 cores; a "
+            f"job's own load at its end is ~2); one run per size, no median of 3. " + a.note, "", *rows, ""]
+    if ceiling:
+        c = ceiling
+        text += [f"The tokenizer alone (the bundled SmolLM2 tokenizer's Rust batch encoder, `encode_batch` + ids, "
+                 f"one core, on the first {c['rows']:,} prompts, {c['tokens_per_row']:.0f} tokens a row): "
+                 f"**{c['rows_per_s']:,.0f} rows/s**, so 2 task slots cannot tokenize more than "
+                 f"{2 * c['rows_per_s']:,.0f} rows/s before parsing, hashing, caching, sorting and writing.", ""]
     if missing:
         text += [f"Not measured in this run: {', '.join(missing)} rows on local[2]"
                  + ("" if execs or not a.standalone_rows else ", the standalone executors") + ".", ""]

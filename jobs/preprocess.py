@@ -757,7 +757,9 @@ def _run_preprocess(spark, cfg, out: Output) -> dict:
         raw = raw.repartition(slots, "row")
     parsed = raw.mapInArrow(_prepare_arrow(data, model, fault, batch_file, stats, batch),
                             PARSED_SCHEMA + (BATCH_SCHEMA if batch_file else ""))
-    parsed = parsed.persist(StorageLevel.MEMORY_AND_DISK)
+    # On local disk: three passes read it, and kept in memory first (MEMORY_AND_DISK) the
+    # tokenized rows of a million-row corpus ran the 2 GiB driver JVM of local[2] out of heap.
+    parsed = parsed.persist(StorageLevel.DISK_ONLY)
     extra = _batchfile.CLUSTERED_EXTRA if batch_file else []
     shared = None
     try:
