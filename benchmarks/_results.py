@@ -24,6 +24,33 @@ def machine() -> str:
             f"({torch.get_num_threads()} threads), {datetime.date.today().isoformat()}")
 
 
+def cpu_kind() -> str:
+    """The CPU kind a figure belongs to, e.g. "AMD EPYC (AVX-512 BF16, no AMX)": the engine's
+    bf16 speed depends on whether oneDNN has AMX tiles, AVX-512 BF16 or neither, so engine
+    sections keep one table per kind (the kind is in the section title)."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    family = next((f for f in ("EPYC", "Ryzen", "Xeon", "Core") if f in name), None)
+    vendor = "AMD" if "AMD" in name else "Intel" if "Intel" in name else ""
+    label = f"{vendor} {family}".strip() if family else name
+    isa = ["AMX" if "amx_tile" in flags else "no AMX"]
+    if "avx512_bf16" in flags:
+        isa.insert(0, "AVX-512 BF16")
+    elif "avx512f" in flags:
+        isa.insert(0, "AVX-512")
+    elif "avx2" in flags:
+        isa.insert(0, "AVX2")
+    return f"{label} ({', '.join(isa)})"
+
+
 def header(argv: list[str]) -> str:
     """The lines every section starts with: the command that wrote it, the machine, the load."""
     cmd = " ".join(["python", f"benchmarks/{Path(argv[0]).name}", *argv[1:]])

@@ -32,12 +32,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peer_llama_cpp as peer  # noqa: E402
-from _results import header, write_section  # noqa: E402
+from _results import cpu_kind, header, write_section  # noqa: E402
 from throughput import workload  # noqa: E402
 
 from libinfer import Checkpoint, Generator, GenerationParams, bundled_model  # noqa: E402
 
-SECTION = "## Batch-1 decode"
+SECTION = f"## Batch-1 decode on {cpu_kind()}"
 OURS = (("float32", "none"), ("bfloat16", "none"), ("bfloat16", "int8"), ("bfloat16", "int4"))
 
 

@@ -23,11 +23,11 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import header, write_section  # noqa: E402
+from _results import cpu_kind, header, write_section  # noqa: E402
 
 from libinfer import Generator, GenerationParams  # noqa: E402
 
-SECTION = "## Decode step profile"
+SECTION = f"## Decode step profile on {cpu_kind()}"
 GROUPS = {"matrix products": ("mkldnn::_linear_pointwise", "aten::addmm", "aten::mm", "aten::_weight_int8pack_mm",
                               "aten::_weight_int4pack_mm_for_cpu", "aten::linear"),
           "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu", "aten::bmm", "aten::matmul",

@@ -7,15 +7,16 @@ thread per task, each timed as a whole process (Spark start, model loads, writes
 fp32 (the baseline's precision) and in bf16. Writes
 the ratio to benchmarks/RESULTS.md, section "Pipeline vs predict_batch_udf".
 
-    python benchmarks/pipeline_vs_udf.py [--limit 96] [--data data/demo_prompts.jsonl]
+    python benchmarks/pipeline_vs_udf.py [--sizes 32,256,2000] [--dtypes float32,bfloat16] [--data FILE]
+
+Each size gets its own few-shot corpus (scripts/make_demo_corpus.py --n N: the demo's four
+tasks, more queries) unless --data names one to take the first N prompts of.
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -23,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import write_section  # noqa: E402
+from _results import machine, write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Pipeline vs predict_batch_udf"
@@ -88,10 +89,56 @@ def timed(cmd: list[str], env: dict, log: Path) -> float:
     return wall
 
 
+def corpus_of(n: int, data: str | None, tmp: Path) -> Path:
+    """The first n prompts of --data, or (no --data) n few-shot prompts written by
+    scripts/make_demo_corpus.py (the demo's four tasks, more queries; deterministic)."""
+    path = tmp / f"corpus_{n}.jsonl"
+    if data:
+        lines = Path(data).read_text().splitlines()
+        if len(lines) < n:
+            sys.exit(f"error: {data} has {len(lines)} prompts, fewer than {n}")
+        path.write_text("\n".join(lines[:n]) + "\n")
+    else:
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "make_demo_corpus.py"), "--n", str(n),
+                        "--out", str(path)], check=True, capture_output=True)
+    return path
+
+
+def run_size(n: int, corpus: Path, tmp: Path, env: dict, dtypes: list[str], overrides: list[str]) -> dict:
+    """Baseline and ours (each dtype) on one corpus: walls, agreement, tokens, load at the start."""
+    import pandas as pd
+    load0 = os.getloadavg()[0]
+    udf_cmd = [sys.executable, str(Path(__file__).resolve()), "--limit", "0", "--udf-job", str(corpus),
+               str(tmp / f"udf_{n}")]
+    t_udf = timed(udf_cmd, env, tmp / f"udf_{n}.log")
+    print(f"{n} prompts: predict_batch_udf + transformers.generate: {t_udf:.1f}s", flush=True)
+    udf = pd.read_parquet(tmp / f"udf_{n}").set_index("id")
+    ours = {}
+    for dtype in dtypes:
+        out = tmp / f"ours_{dtype}_{n}"
+        # The same prompt text on both sides: the baseline tokenizes the prompts as they are, so
+        # ours does not collapse whitespace (the demo's autocomplete queries end in a space before
+        # the newline, "Q: best winter \nA:", which data.clean would remove).
+        cmd = [sys.executable, "-m", "jobs.pipeline", f"data.path={corpus}", "generation=test1", "model=smollm2_135m",
+               "spark=local2", f"out={out}", f"model.dtype={dtype}", f"mlflow.tracking_uri=sqlite:///{tmp / 'mlflow.db'}",
+               "data.clean.collapse_whitespace=false", "data.clean.strip=false", *overrides]
+        t = timed(cmd, env, tmp / f"ours_{dtype}_{n}.log")
+        res = pd.read_parquet(out / "results").set_index("id")
+        common = res.index.intersection(udf.index)
+        agree = sum(res.loc[i, "completions"][0].strip() == (udf.loc[i, "completion"] or "").strip() for i in common)
+        ours[dtype] = {"wall": t, "agree": agree, "rows": len(common), "tokens": int(res["n_generated_tokens"].sum())}
+        print(f"{n} prompts: jobs.pipeline {dtype}: {t:.1f}s = {t_udf / t:.2f}x; same greedy text on "
+              f"{agree}/{len(common)}", flush=True)
+    return {"udf": t_udf, "ours": ours, "load": load0}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=str(ROOT / "data" / "demo_prompts.jsonl"))
-    ap.add_argument("--limit", type=int, default=96, help="first N prompts (0 = all)")
+    ap.add_argument("--data", default=None, help="a JSON-lines corpus (id, prompt) to take the first N prompts of; "
+                    "default: scripts/make_demo_corpus.py's few-shot prompts, as many as each size needs")
+    ap.add_argument("--sizes", default="32,256,2000", help="corpus sizes, one baseline/ours run each")
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--limit", type=int, default=0, help=argparse.SUPPRESS)   # the --udf-job child's
     ap.add_argument("--udf-job", nargs=2, metavar=("DATA", "OUT"), help=argparse.SUPPRESS)
     ap.add_argument("--no-write", action="store_true", help="print, do not update RESULTS.md")
     ap.add_argument("overrides", nargs="*", help="extra jobs.pipeline overrides, e.g. spark.task_cpus=2")
@@ -99,55 +146,35 @@ def main() -> None:
     if a.udf_job:
         return udf_job(a.udf_job[0], a.udf_job[1], a.limit)
 
-    import pandas as pd
     tmp = Path(tempfile.mkdtemp(prefix="pipeline_vs_udf-"))
-    corpus = tmp / "corpus.jsonl"
-    lines = Path(a.data).read_text().splitlines()
-    corpus.write_text("\n".join(lines[:a.limit] if a.limit else lines) + "\n")
-    n = len(corpus.read_text().splitlines())
     env = dict(os.environ, PYSPARK_PYTHON=sys.executable, HYDRA_RUN_ROOT=str(tmp / "hydra"))
+    sizes = [int(x) for x in a.sizes.split(",") if x]
+    dtypes = a.dtypes.split(",")
+    print(f"sizes {sizes}; logs in {tmp}", flush=True)
+    runs = {n: run_size(n, corpus_of(n, a.data, tmp), tmp, env, dtypes, a.overrides) for n in sizes}
 
-    ours_cmd = [sys.executable, "-m", "jobs.pipeline", f"data.path={corpus}", "generation=test1",
-                "model=smollm2_135m", "spark=local2"]
-    udf_cmd = [sys.executable, str(Path(__file__).resolve()), "--limit", "0", "--udf-job", str(corpus),
-               str(tmp / "udf")]
-    print(f"corpus: {n} prompts from {a.data}; logs in {tmp}", flush=True)
-    t_udf = timed(udf_cmd, env, tmp / "udf.log")
-    print(f"predict_batch_udf + transformers.generate: {t_udf:.1f}s", flush=True)
-    udf = pd.read_parquet(tmp / "udf").set_index("id")
     rows = []
-    for name, dtype in (("fp32", "float32"), ("bf16", "bfloat16")):
-        out = tmp / f"ours_{name}"
-        cmd = [*ours_cmd, f"out={out}", f"model.dtype={dtype}",
-               f"mlflow.tracking_uri=sqlite:///{tmp / 'mlflow.db'}", *a.overrides]
-        t = timed(cmd, env, tmp / f"ours_{name}.log")
-        ours = pd.read_parquet(out / "results").set_index("id")
-        common = ours.index.intersection(udf.index)
-        agree = sum(ours.loc[i, "completions"][0].strip() == (udf.loc[i, "completion"] or "").strip()
-                    for i in common)
-        rows.append((name, t, agree, len(common), int(ours["n_generated_tokens"].sum())))
-        print(f"jobs.pipeline {name}: {t:.1f}s = {t_udf / t:.2f}x; same greedy text on {agree}/{len(common)}",
-              flush=True)
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    table = "".join(f"| `jobs.pipeline` (preprocess + generate), {name} | {t:.1f} | **{t_udf / t:.2f}x** | "
-                    f"{agree}/{m} |\n" for name, t, agree, m, _ in rows)
+    for n, r in runs.items():
+        rows.append(f"| {n:,} | `predict_batch_udf` + `transformers.generate` fp32, batches of {BATCH} | "
+                    f"{r['udf']:.1f} | 1.00x | - | {r['load']:.1f} |")
+        for dtype, o in r["ours"].items():
+            rows.append(f"| {n:,} | `jobs.pipeline` (preprocess + generate), {dtype} | {o['wall']:.1f} | "
+                        f"**{r['udf'] / o['wall']:.2f}x** | {o['agree']}/{o['rows']} | |")
+    source = f"the first N of `{Path(a.data).name}`" if a.data else "`scripts/make_demo_corpus.py --n N`"
+    cmd = f"python benchmarks/pipeline_vs_udf.py --sizes {a.sizes} --dtypes {a.dtypes}" + (
+        f" --data {a.data}" if a.data else "") + "".join(f" {o}" for o in a.overrides)
     text = (f"{SECTION}\n\n"
-            f"Whole job, each timed as a process (Spark start, model loads, Parquet writes), on `local[2]`, "
-            f"{n} few-shot prompts of `{Path(a.data).name}` (the first {n}, arrival order, "
-            f"{rows[0][4]} tokens generated), greedy test1 (16 new tokens, repetition penalty 5, stop at "
-            f"newline), the bundled SmolLM2-135M GGUF, one torch thread per task. The baseline runs "
-            f"transformers in fp32; ours runs in fp32 (same precision) and in bf16 (its fast CPU path).\n\n"
-            f"| job | wall s | speed-up | same greedy text as baseline |\n|---|---:|---:|---:|\n"
-            f"| `predict_batch_udf` + `transformers.generate` fp32, batches of {BATCH} | {t_udf:.1f} | 1.00x | - |\n"
-            f"{table}\n"
-            f"- command: `python benchmarks/pipeline_vs_udf.py --limit {a.limit} {' '.join(a.overrides)}`\n"
-            f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC\n"
-            f"- machine: {cpu}, {os.cpu_count()} cores, no GPU; load average at the end "
-            f"{os.getloadavg()[0]:.1f} (a shared machine: other work was running)\n\n")
+            f"Command: `{cmd}`  \nMachine: {machine()}  \n"
+            f"Whole job, each timed as a process (Spark start, model loads, Parquet writes), on `local[2]`; "
+            f"few-shot prompts ({source}: four tasks, each with its own header of instruction + examples, "
+            f"arrival order interleaved), greedy test1 (16 new tokens, repetition penalty 5, stop at a newline), "
+            f"the bundled SmolLM2-135M GGUF, one torch thread per task. The baseline runs transformers in fp32; "
+            f"ours runs in fp32 (same precision) and in bf16 (its fast CPU path), with its defaults (prefix "
+            f"cache on, `data.cluster_by=prefix`) except that it keeps the prompts' whitespace as the baseline "
+            f"does (`data.clean.collapse_whitespace=false data.clean.strip=false`). One run per size and side "
+            f"(no median of 3).\n\n"
+            f"| prompts | job | wall s | speed-up | same greedy text as baseline | 1-min load at start |\n"
+            f"|---:|---|---:|---:|---:|---:|\n" + "\n".join(rows) + "\n")
     print(text)
     if not a.no_write:
         print(f"wrote {write_section(SECTION, text)}")

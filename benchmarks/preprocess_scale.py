@@ -140,6 +140,8 @@ def main() -> None:
     env = dict(os.environ, HYDRA_RUN_ROOT=str(workdir / "hydra"), PYSPARK_PYTHON=sys.executable)
     local = {}
     sizes = [int(s) for s in a.sizes.split(",") if s]
+    # First, on a machine nothing of ours loads yet (the standalone JVMs take a while to exit).
+    ceiling = tokenizer_ceiling(corpus(workdir, (sizes or [a.standalone_rows])[0])) if not a.report_only else None
     for n in sizes:
         local[n] = fetch(workdir, f"local2_{n}") if a.report_only else run_job(
             [f"data.path={corpus(workdir, n)}", "spark=local2", "compare_single_process=true"],
@@ -161,7 +163,6 @@ def main() -> None:
         finally:
             for p in procs:
                 p.terminate()
-    ceiling = tokenizer_ceiling(corpus(workdir, sizes[0] if sizes else a.standalone_rows)) if not a.report_only else None
 
     cmd = f"python benchmarks/preprocess_scale.py --sizes {a.sizes} --standalone-rows {a.standalone_rows}"
     missing = [f"{n:,}" for n in sizes if n not in local]

@@ -34,12 +34,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import machine, write_section  # noqa: E402
+from _results import cpu_kind, machine, write_section  # noqa: E402
 import peer_llama_cpp  # noqa: E402
 
 from libinfer import Generator, GenerationParams, bundled_model  # noqa: E402
 
-SECTION = "## Throughput engine"
+SECTION = f"## Throughput engine on {cpu_kind()}"   # one table per CPU kind
 WORDS = ("search query suggest cheap flights tokyo hotel weather recipe pasta running shoes best laptop "
          "student budget review near me open now how to fix bike tire translate korean english news "
          "football score movie times coffee beans").split()
