@@ -118,8 +118,8 @@ def input_splits(spark) -> dict:
     most (Spark's own rule: min(maxPartitionBytes, max(openCostInBytes, total bytes /
     minPartitionNum))). The session's openCostInBytes of 128 MiB keeps each clustered file one
     partition for generate; on the corpus it makes 128 MiB splits, e.g. 3 for 278 MB on 2 slots
-    (the third running alone), and a task caching a 128 MiB split of tokenized rows (~2.5x the
-    JSON's bytes) ran the 2 GiB driver JVM of local[2] out of heap at a million rows."""
+    (the third running alone). The 32 MiB cap keeps a large corpus in many small tasks (a short
+    tail, a bounded working set per task); the million-row run was measured with it."""
     slots = spark.sparkContext.defaultParallelism
     return {"spark.sql.files.openCostInBytes": 4 * 2**20, "spark.sql.files.minPartitionNum": 4 * slots,
             "spark.sql.files.maxPartitionBytes": 32 * 2**20}
