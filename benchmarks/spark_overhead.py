@@ -125,6 +125,7 @@ def main() -> None:
     py = [sys.executable, "-m"]
 
     # 1. Whole processes.
+    load0 = os.getloadavg()[0]
     corpus(tmp / "a.jsonl", args.rows, seed=1)
     pipe_wall, pipe_out = timed(py + ["jobs.pipeline", f"data.path={tmp / 'a.jsonl'}", f"out={tmp / 'a'}",
                                       *OVERRIDES, *mlflow], env)
@@ -138,7 +139,7 @@ def main() -> None:
     cmd = f"python benchmarks/spark_overhead.py --rows {args.rows} --stage-rows {args.stage_rows}"
     head = (f"{SECTION}\n\n`{cmd}` ({machine()}; model=tiny_random, generation=test1, spark=local2 (2 workers x 1 "
             f"thread) against one process with {os.cpu_count()} threads; wall clocks of whole processes; one run "
-            f"each; the 2 cores were shared with other jobs while it ran: noisy figures).\n\n| what | Spark path | libinfer in one process | ratio | target |\n|---|---|---|---|---|\n"
+            f"each, no median of 3; 1-min load average at the start {load0:.1f}).\n\n| what | Spark path | libinfer in one process | ratio | target |\n|---|---|---|---|---|\n"
             f"| whole process, {args.rows} short prompts | `jobs.pipeline` {pipe_wall:.1f} s | load + `generate()` "
             f"{eng_wall:.1f} s (load {eng['load_s']:.1f} s, generate {eng['generate_s']:.1f} s) | "
             f"{pipe_wall / eng_wall:.2f}x | <= 1.5x |\n")
