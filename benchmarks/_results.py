@@ -10,24 +10,8 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 
-def machine() -> str:
-    import torch
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads), {datetime.date.today().isoformat()}")
-
-
-def cpu_kind() -> str:
-    """The CPU kind a figure belongs to, e.g. "AMD EPYC (AVX-512 BF16, no AMX)": the engine's
-    bf16 speed depends on whether oneDNN has AMX tiles, AVX-512 BF16 or neither, so engine
-    sections keep one table per kind (the kind is in the section title)."""
+def _cpuinfo() -> tuple[str, set]:
+    """(model name, instruction-set flags) of the first CPU in /proc/cpuinfo."""
     name, flags = platform.processor() or platform.machine(), set()
     try:
         for line in open("/proc/cpuinfo"):
@@ -38,6 +22,20 @@ def cpu_kind() -> str:
                 break
     except OSError:
         pass
+    return name, flags
+
+
+def machine() -> str:
+    import torch
+    return (f"{_cpuinfo()[0]}, {os.cpu_count()} cores, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads), {datetime.date.today().isoformat()}")
+
+
+def cpu_kind() -> str:
+    """The CPU kind a figure belongs to, e.g. "AMD EPYC (AVX-512 BF16, no AMX)": the engine's
+    bf16 speed depends on whether oneDNN has AMX tiles, AVX-512 BF16 or neither, so engine
+    sections keep one table per kind (the kind is in the section title)."""
+    name, flags = _cpuinfo()
     family = next((f for f in ("EPYC", "Ryzen", "Xeon", "Core") if f in name), None)
     vendor = "AMD" if "AMD" in name else "Intel" if "Intel" in name else ""
     label = f"{vendor} {family}".strip() if family else name

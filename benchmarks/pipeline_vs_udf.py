@@ -15,7 +15,6 @@ tasks, more queries) unless --data names one to take the first N prompts of.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -105,7 +104,7 @@ def corpus_of(n: int, data: str | None, tmp: Path) -> Path:
 
 
 def run_size(n: int, corpus: Path, tmp: Path, env: dict, dtypes: list[str], overrides: list[str]) -> dict:
-    """Baseline and ours (each dtype) on one corpus: walls, agreement, tokens, load at the start."""
+    """Baseline and ours (each dtype) on one corpus: walls, agreement, load at the start."""
     import pandas as pd
     load0 = os.getloadavg()[0]
     udf_cmd = [sys.executable, str(Path(__file__).resolve()), "--limit", "0", "--udf-job", str(corpus),
@@ -126,7 +125,7 @@ def run_size(n: int, corpus: Path, tmp: Path, env: dict, dtypes: list[str], over
         res = pd.read_parquet(out / "results").set_index("id")
         common = res.index.intersection(udf.index)
         agree = sum(res.loc[i, "completions"][0].strip() == (udf.loc[i, "completion"] or "").strip() for i in common)
-        ours[dtype] = {"wall": t, "agree": agree, "rows": len(common), "tokens": int(res["n_generated_tokens"].sum())}
+        ours[dtype] = {"wall": t, "agree": agree, "rows": len(common)}
         print(f"{n} prompts: jobs.pipeline {dtype}: {t:.1f}s = {t_udf / t:.2f}x; same greedy text on "
               f"{agree}/{len(common)}", flush=True)
     return {"udf": t_udf, "ours": ours, "load": load0}
