@@ -131,8 +131,7 @@ class LocalRunner:
         t = torch.tensor(tokens, dtype=torch.long, device=self.device)
         p = torch.tensor(pos, dtype=torch.long, device=self.device)
         pre = None if prefix is None else torch.tensor(prefix, dtype=torch.long, device=self.device)
-        segs = [(off, P, torch.tensor(rows, dtype=torch.long, device=self.device)) for off, P, rows in segments]
-        return self.model.decode(t, p, self.cache, groups, pre, segs)
+        return self.model.decode(t, p, self.cache, groups, pre, segments)
 
     def copy_slot(self, src: int, dst: int, length: int) -> None:
         self.cache.copy_slot(src, dst, length)

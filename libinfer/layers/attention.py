@@ -28,8 +28,8 @@ class Step:
     that computes a segment itself has slot -1 and start + length <= P.
     Decode: row b in slot b at position pos[b], its own keys `pos - P + 1`; `groups`
     (first row, end row, own keys read) blocks of rows; `masks[window]` the additive
-    [B, 1, 1, L] masks of the rows' own keys; `segments` (seg, P, rows, row positions)
-    per prefix segment that rows of this step read."""
+    [B, 1, 1, L] masks of the rows' own keys; `segments` the `SegmentBatch`es of the
+    prefix segments that rows of this step read."""
     cos_sin: dict                           # rope key -> (cos, sin) of this pass's positions
     all_reduce: object = None
     spans: list | None = None
@@ -39,6 +39,63 @@ class Step:
     groups: list | None = None
     masks: dict = field(default_factory=dict)
     segments: list = field(default_factory=list)
+
+
+@dataclass
+class SegmentBatch:
+    """S prefix segments read together by one decode step's rows, padded to R rows and
+    Pmax keys each (padding repeats a segment's first row and key and is masked or never
+    read back). Built once per step (`segment_batches`), shared by every layer."""
+    keys: torch.Tensor | slice   # [S, Pmax] pool positions; a slice when S == 1
+    rows: torch.Tensor           # [S, R] decode rows
+    back: torch.Tensor           # [n] flat index (s * R + i) of each row of `of`
+    of: torch.Tensor | None      # [n] the rows this batch serves; None: all B rows in order
+    masks: dict                  # window -> additive fp32 [S, R * G, Pmax] or None
+
+
+def segment_batches(segments, pos: torch.Tensor, windows, g: int, waste: float = 1.25) -> list[SegmentBatch]:
+    """segments: (pool offset, P, row list) per segment read this step; pos: [B] the rows'
+    positions; g: query heads per KV head. Segments go into one batch while its padded
+    work (S x R x Pmax) stays within `waste` times their real work (sum of rows x P),
+    longest first: one batch when lengths and row counts are alike."""
+    b, device = pos.shape[0], pos.device
+    batches, cur = [], []
+    for seg in sorted(segments, key=lambda s: (-s[1], -len(s[2]))):
+        cand = cur + [seg]
+        padded = len(cand) * cand[0][1] * max(len(r) for _, _, r in cand)
+        if cur and padded > waste * sum(P * len(r) for _, P, r in cand):
+            batches.append(cur)
+            cand = [seg]
+        cur = cand
+    if cur:
+        batches.append(cur)
+    out = []
+    for segs in batches:
+        S, R, Pmax = len(segs), max(len(r) for _, _, r in segs), segs[0][1]
+        rows = [r + [r[0]] * (R - len(r)) for _, _, r in segs]
+        served = [row for _, _, r in segs for row in r]
+        back = [s * R + i for s, (_, _, r) in enumerate(segs) for i in range(len(r))]
+        if S == 1:
+            keys = slice(segs[0][0], segs[0][0] + Pmax)
+        else:
+            keys = torch.tensor([[off + min(j, P - 1) for j in range(Pmax)] for off, P, _ in segs], device=device)
+        rows_t = torch.tensor(rows, dtype=torch.long, device=device)
+        masks = {}
+        lengths = torch.tensor([P for _, P, _ in segs], device=device)
+        j = torch.arange(Pmax, device=device)
+        for w in windows:
+            invalid = (j[None, None, :] >= lengths[:, None, None]).expand(S, R, Pmax)      # padded keys
+            if w is not None:                 # prefix key j is in row b's window when j > pos[b] - window
+                invalid = invalid | (j[None, None, :] <= pos[rows_t][:, :, None] - w)
+            if w is None and all(P == Pmax for _, P, _ in segs):
+                masks[w] = None
+                continue
+            m = torch.zeros((S, R, Pmax), dtype=torch.float32, device=device).masked_fill_(invalid, float("-inf"))
+            masks[w] = m.repeat_interleave(g, dim=1)
+        ordered = served == list(range(b))
+        out.append(SegmentBatch(keys, rows_t, torch.tensor(back, dtype=torch.long, device=device),
+                                None if ordered else torch.tensor(served, dtype=torch.long, device=device), masks))
+    return out
 
 
 def decode_mask(pos: torch.Tensor, length: int, window: int | None, dtype) -> torch.Tensor:
@@ -190,25 +247,35 @@ class Attention(nn.Module):
 
     def _decode_with_segments(self, qg, step, cache_k, cache_v, pool_k, pool_v, mask):
         """Attention over each row's own keys (per block of slots) and over its prefix
-        segment, merged by log-sum-exp: the rows of one segment read its keys together,
-        one [Hkv, rows x G, P] product, and the segment is never copied per row."""
+        segment, merged by log-sum-exp. The segments of a `SegmentBatch` are read in one
+        product, [Hkv, S, R x G, Pmax], their rows' queries gathered once: the segment is
+        never copied per row, and the op count does not grow with the number of segments."""
         b, hkv, g, d = qg.shape
         scale = self.scale if self.scale is not None else d ** -0.5
-        o = torch.empty(qg.shape, dtype=torch.float32, device=qg.device)
-        lse = torch.empty((b, hkv, g, 1), dtype=torch.float32, device=qg.device)
-        for a, e, L in step.groups:
-            o[a:e], lse[a:e] = _attend(qg[a:e], cache_k[a:e, :, :L], cache_v[a:e, :, :L], mask[a:e, :, :, :L], scale)
-        for seg, P, rows, pos in step.segments:
-            r = rows.shape[0]
-            qs = qg[rows].permute(1, 0, 2, 3).reshape(hkv, r * g, d)                # [Hkv, r*G, D]
-            pmask = None
-            if self.window is not None:      # prefix key j is in row b's window when j > pos[b] - window
-                j = torch.arange(P, device=qg.device)[None, :]
-                pmask = torch.zeros((r, P), device=qg.device).masked_fill_(j <= pos[:, None] - self.window,
-                                                                           float("-inf"))
-                pmask = pmask.repeat_interleave(g, dim=0)[None]                    # [1, r*G, P]
-            po, plse = _attend(qs, pool_k[:, seg:seg + P], pool_v[:, seg:seg + P], pmask, scale)
-            po = po.view(hkv, r, g, d).permute(1, 0, 2, 3)
-            plse = plse.view(hkv, r, g, 1).permute(1, 0, 2, 3)
-            o[rows] = _merge(o[rows], lse[rows], po, plse)
+        if len(step.groups) == 1:
+            L = step.groups[0][2]
+            o, lse = _attend(qg, cache_k[:b, :, :L], cache_v[:b, :, :L], mask, scale)
+        else:
+            o = torch.empty(qg.shape, dtype=torch.float32, device=qg.device)
+            lse = torch.empty((b, hkv, g, 1), dtype=torch.float32, device=qg.device)
+            for a, e, L in step.groups:
+                o[a:e], lse[a:e] = _attend(qg[a:e], cache_k[a:e, :, :L], cache_v[a:e, :, :L], mask[a:e, :, :, :L],
+                                           scale)
+        by_head = qg.transpose(0, 1)                                                # [Hkv, B, G, D] view
+        for sb in step.segments:
+            S, R = sb.rows.shape
+            qs = by_head.index_select(1, sb.rows.view(-1)).view(hkv, S, R * g, d)
+            if isinstance(sb.keys, slice):                 # one segment: its keys in place
+                ks, vs = pool_k[:, None, sb.keys], pool_v[:, None, sb.keys]
+            else:
+                P = sb.keys.shape[1]
+                ks = pool_k.index_select(1, sb.keys.view(-1)).view(hkv, S, P, d)
+                vs = pool_v.index_select(1, sb.keys.view(-1)).view(hkv, S, P, d)
+            po, plse = _attend(qs, ks, vs, sb.masks.get(self.window), scale)       # [Hkv, S, R*G, D | 1]
+            po = po.view(hkv, S * R, g, d).index_select(1, sb.back).transpose(0, 1)
+            plse = plse.view(hkv, S * R, g, 1).index_select(1, sb.back).transpose(0, 1)
+            if sb.of is None:                              # the batch holds every row, in order
+                o = _merge(o, lse, po, plse)
+            else:
+                o[sb.of] = _merge(o[sb.of], lse[sb.of], po, plse)
         return o.to(qg.dtype).reshape(b, self.n_heads * d)

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..engine.kv_cache import KVCache
 from ..layers import Dense, QuantizedDense, RMSNorm, Rotary, Step, dense
-from ..layers.attention import decode_mask
+from ..layers.attention import decode_mask, segment_batches
 from .config import ModelConfig, ModelLoadError
 
 # Parts of a fused projection: (module attribute path, the parts in their order).
@@ -127,12 +127,12 @@ class Decoder(nn.Module):
                segments=()) -> torch.Tensor:
         """tokens, pos: [B] (row b in slot b); groups: attention_groups of the rows' own key
         counts (the caller has them as host lists; no device read here); prefix: [B] each
-        row's segment length P (None: no row has one); segments: (offset, P, rows) per
+        row's segment length P (None: no row has one); segments: (offset, P, row list) per
         segment read. Returns fp32 logits [B, V]."""
         L = max(e for _, _, e in groups)
         own = pos if prefix is None else pos - prefix
         masks = {w: decode_mask(own, L, w, cache.k.dtype) for w in self.windows}
-        segs = [(off, P, rows, pos[rows]) for off, P, rows in segments]
+        segs = segment_batches(segments, pos, self.windows, self.cfg.n_heads // self.cfg.n_kv_heads)
         step = Step(self._tables(pos), self.all_reduce, pos=pos, own_pos=own, groups=groups, masks=masks,
                     segments=segs)
         return self.logits(self._layers(self.embed_tokens(tokens), step, cache))
