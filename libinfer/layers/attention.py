@@ -44,7 +44,7 @@ class Step:
 @dataclass
 class SegmentBatch:
     """S prefix segments read together by one decode step's rows, padded to R rows and
-    Pmax keys each (padding repeats a segment's first row and key and is masked or never
+    Pmax keys each (padding repeats a segment's first row and last key and is masked or never
     read back). Built once per step (`segment_batches`), shared by every layer."""
     keys: torch.Tensor | slice   # [S, Pmax] pool positions; a slice when S == 1
     rows: torch.Tensor           # [S, R] decode rows
@@ -75,21 +75,22 @@ def segment_batches(segments, pos: torch.Tensor, windows, g: int, waste: float =
         rows = [r + [r[0]] * (R - len(r)) for _, _, r in segs]
         served = [row for _, _, r in segs for row in r]
         back = [s * R + i for s, (_, _, r) in enumerate(segs) for i in range(len(r))]
-        if S == 1:
-            keys = slice(segs[0][0], segs[0][0] + Pmax)
-        else:
-            keys = torch.tensor([[off + min(j, P - 1) for j in range(Pmax)] for off, P, _ in segs], device=device)
-        rows_t = torch.tensor(rows, dtype=torch.long, device=device)
-        masks = {}
         lengths = torch.tensor([P for _, P, _ in segs], device=device)
         j = torch.arange(Pmax, device=device)
+        if S == 1:
+            keys = slice(segs[0][0], segs[0][0] + Pmax)
+        else:                                # padded keys repeat the segment's last
+            offsets = torch.tensor([off for off, _, _ in segs], device=device)
+            keys = offsets[:, None] + torch.minimum(j[None, :], lengths[:, None] - 1)
+        rows_t = torch.tensor(rows, dtype=torch.long, device=device)
+        masks = {}
         for w in windows:
-            invalid = (j[None, None, :] >= lengths[:, None, None]).expand(S, R, Pmax)      # padded keys
-            if w is not None:                 # prefix key j is in row b's window when j > pos[b] - window
-                invalid = invalid | (j[None, None, :] <= pos[rows_t][:, :, None] - w)
             if w is None and all(P == Pmax for _, P, _ in segs):
                 masks[w] = None
                 continue
+            invalid = (j[None, None, :] >= lengths[:, None, None]).expand(S, R, Pmax)      # padded keys
+            if w is not None:                 # prefix key j is in row b's window when j > pos[b] - window
+                invalid = invalid | (j[None, None, :] <= pos[rows_t][:, :, None] - w)
             m = torch.zeros((S, R, Pmax), dtype=torch.float32, device=device).masked_fill_(invalid, float("-inf"))
             masks[w] = m.repeat_interleave(g, dim=1)
         ordered = served == list(range(b))
