@@ -64,6 +64,8 @@ def _local_with_retries(master: str, max_failures: int) -> str:
 def session(cfg, app_suffix: str = ""):
     """The SparkSession of the `spark` config group (reuses one that spark-submit started)."""
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    from jobs._tracking import warm_up
+    warm_up(cfg)           # MLflow's import and store, while the JVM starts
     from pyspark.sql import SparkSession
     s = cfg.spark
     b = SparkSession.builder.appName(s.app_name + app_suffix)

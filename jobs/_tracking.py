@@ -9,6 +9,7 @@ import math
 import os
 import socket
 import tempfile
+import threading
 import time
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,30 @@ def _as_dict(cfg) -> dict:
     return OmegaConf.to_container(cfg, resolve=True) if not isinstance(cfg, dict) else cfg
 
 
+_warm_up: threading.Thread | None = None
+
+
+def warm_up(cfg) -> None:
+    """Import MLflow and open its store (a new sqlite store creates its tables) in a
+    background thread, called while Spark starts: the JVM's start leaves this process
+    waiting, and MLflow's import and store cost a small job 2-4 s. `mlflow_run` waits
+    for it; an error here is left for `mlflow_run` to report."""
+    global _warm_up
+    m = cfg.get("mlflow")
+    if _warm_up is not None or m is None or not m.enabled:
+        return
+
+    def work():
+        try:
+            import mlflow
+            mlflow.MlflowClient(tracking_uri=m.tracking_uri).get_experiment_by_name(m.experiment)
+        except Exception:  # noqa: BLE001 - mlflow_run opens the store again and says what failed
+            pass
+
+    _warm_up = threading.Thread(target=work, name="mlflow-warm-up", daemon=True)
+    _warm_up.start()
+
+
 @contextlib.contextmanager
 def mlflow_run(cfg, job: str, nested: bool = False, tags: dict | None = None):
     """Start an MLflow run for `job` (or yield None when cfg.mlflow.enabled is false).
@@ -42,6 +67,8 @@ def mlflow_run(cfg, job: str, nested: bool = False, tags: dict | None = None):
     if not m.enabled:
         yield None
         return
+    if _warm_up is not None:
+        _warm_up.join(timeout=60)      # an unreachable server: the calls below report it
     import mlflow
     mlflow.set_tracking_uri(m.tracking_uri)
     exp = mlflow.set_experiment(m.experiment)

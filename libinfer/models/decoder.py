@@ -34,7 +34,9 @@ class Decoder(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # _weight: no normal_() init (weights are loaded; on the meta device of `empty` that init
+        # alone imported torch's Python reference ops, 1.5 s of every model load)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
         self.layers = nn.ModuleList(self.block(cfg, i, self.unit_offset_norms) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps, self.unit_offset_norms)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
@@ -51,7 +53,13 @@ class Decoder(nn.Module):
         """Build with uninitialised storage (no random init): `load_weights` fills it."""
         with torch.device("meta"):
             model = cls(cfg)
-        model = model.to_empty(device=device).to(dtype)
+        # Each parameter allocated in its final dtype (torch's to_empty + to(dtype) went through
+        # its Python reference ops for meta tensors: ~0.6 s of every model load, and two passes).
+        for mod in model.modules():
+            for name, p in mod._parameters.items():
+                if p is not None:
+                    mod._parameters[name] = nn.Parameter(torch.empty(p.shape, dtype=dtype, device=device),
+                                                         requires_grad=False)
         model.quantization = quantization
         model.setup_rope(cfg.max_position)
         return model
