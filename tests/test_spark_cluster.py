@@ -36,7 +36,7 @@ def wait_for(check, what: str, timeout: float = 120.0, poll: float = 1.0):
             v = check()
             if v:
                 return v
-        except OSError:
+        except (OSError, ValueError):   # not up yet; a starting master's UI may answer /json with its HTML page
             pass
         time.sleep(poll)
     raise TimeoutError(f"{what} did not come up in {timeout:.0f}s")
