@@ -18,6 +18,8 @@ wide decode steps) the weight is expanded to bf16 for that one product instead.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -27,9 +29,16 @@ INT4_GROUP = 32
 _ONEDNN_UNARY = {None: ("none", ""), "silu": ("swish", ""), "gelu_tanh": ("gelu", "tanh")}
 
 
+@functools.cache
+def _onednn_bf16() -> bool:
+    """oneDNN's bf16 kernels need AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT; on an AVX2-only CPU
+    (e.g. AMD EPYC Zen 3) the weight reorder refuses bf16, so products stay `F.linear`."""
+    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def packable(weight: torch.Tensor) -> bool:
-    return (weight.device.type == "cpu" and weight.dtype in _ONEDNN_DTYPES and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+    return weight.device.type == "cpu" and weight.dtype in _ONEDNN_DTYPES and _onednn_bf16()
 
 
 class Dense:
