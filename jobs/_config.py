@@ -288,9 +288,8 @@ def validate(cfg) -> None:
         _check("model.device", m.device == "cpu" or m.device.startswith("cuda"),
                f"must be cpu, cuda or cuda:N (got {m.device!r})")
         try:
-            from libinfer.generator import parse_dtype
-            from libinfer.layers import check_quantization
-            check_quantization(m.get("quantization"), parse_dtype(m.dtype), m.device)
+            from libinfer.models.config import check_quantization
+            check_quantization(m.get("quantization"), m.dtype, m.device)
         except ValueError as e:
             raise ConfigError("model.quantization", str(e).removeprefix("model.quantization ")) from None
         for k in ("tp_size", "max_batch_size", "max_batch_tokens"):

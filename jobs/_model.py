@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from libinfer import Generator
+if TYPE_CHECKING:     # imported in build_generator: a driver that only writes a random model needs no torch
+    from libinfer import Generator
 
 
 def ensure_model(model_cfg) -> None:
@@ -20,6 +22,7 @@ def build_generator(model_cfg, warmup: bool = True, **overrides) -> Generator:
     engine = dict(max_batch_size=model_cfg.max_batch_size, max_batch_tokens=model_cfg.max_batch_tokens,
                   kv_cache_gb=model_cfg.kv_cache_gb, prefix_cache=model_cfg.get("prefix_cache", True))
     engine.update(overrides)
+    from libinfer import Generator
     return Generator.from_pretrained(model_cfg.path, gguf_file=model_cfg.gguf_file, dtype=model_cfg.dtype,
                                      quantization=model_cfg.get("quantization", "none"), device=model_cfg.device,
                                      tp_size=model_cfg.tp_size, warmup=warmup, **engine)

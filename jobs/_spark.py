@@ -291,18 +291,27 @@ def model_key(model_dict: dict) -> str:
     return json.dumps(model_dict, sort_keys=True, default=str)
 
 
-def worker_tokenizer(model_dict: dict):
-    """(tokenizer, context length) of the model, built once per Python worker."""
-    key = "tok:" + model_key(model_dict)
+def worker_tokenizer(model_dict: dict, light: bool = False):
+    """(tokenizer, context length) of the model, built once per Python worker. `light`: a
+    caller that only batch-encodes takes the torch-free encoder of the tokenizer cache
+    (libinfer.loading.tokenizer.fast_tokenizer) when an earlier full load on this machine
+    left one; otherwise, and for chat templates, the model's full HF tokenizer."""
+    key = f"tok:{light}:" + model_key(model_dict)
     if key not in _CACHE:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        from libinfer import Checkpoint
-        from omegaconf import OmegaConf
-        from ._model import ensure_model
-        m = OmegaConf.create(model_dict)
-        ensure_model(m)
-        ckpt = Checkpoint.open(m.path, m.gguf_file)
-        _CACHE[key] = (ckpt.load_tokenizer(), ckpt.config.max_position)
+        loaded = None
+        if light:
+            from libinfer.loading.tokenizer import fast_tokenizer
+            loaded = fast_tokenizer(model_dict.get("path"), model_dict.get("gguf_file"))
+        if loaded is None:
+            from libinfer import Checkpoint
+            from omegaconf import OmegaConf
+            from ._model import ensure_model
+            m = OmegaConf.create(model_dict)
+            ensure_model(m)
+            ckpt = Checkpoint.open(m.path, m.gguf_file)
+            loaded = (ckpt.load_tokenizer(), ckpt.config.max_position)
+        _CACHE[key] = loaded
     return _CACHE[key]
 
 

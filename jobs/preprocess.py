@@ -147,7 +147,7 @@ def chain_hashes(offsets, flat):
     its length, so every prefix costs one cumulative sum. Only equality matters (rows with
     equal hashes share the prefix): the engine checks the tokens on every cache hit itself."""
     import numpy as np
-    from libinfer.engine.kv_cache import BLOCK
+    from libinfer.engine import BLOCK
     offsets = np.asarray(offsets, dtype=np.int64)
     n = np.diff(offsets)
     nb = n // BLOCK
@@ -302,6 +302,12 @@ def prepare_batch(rows, values, data: dict, tok, context: int, batch_file: dict 
     return pa.RecordBatch.from_pydict(cols)
 
 
+def tokenize_only(data: dict, batch_file: dict | None) -> bool:
+    """True when the rows need no chat template (none configured, no batch file whose
+    chat lines render one): the torch-free encoder serves them (worker_tokenizer)."""
+    return not data["chat_template"] and batch_file is None
+
+
 def _prepare_arrow(data: dict, model: dict, fault: dict, batch_file: dict | None = None, stats=None,
                    batch: int = 1):
     """The mapInArrow function of the first pass (prepare_batch on every batch). With
@@ -312,7 +318,7 @@ def _prepare_arrow(data: dict, model: dict, fault: dict, batch_file: dict | None
         from jobs._spark import worker_tokenizer
         pid = _partition_id()
         maybe_fail(fault, "preprocess", pid)
-        tok, context = worker_tokenizer(model)
+        tok, context = worker_tokenizer(model, light=tokenize_only(data, batch_file))
         rows_in = 0
         arrival = ([], [])     # (rows, n_tokens) of the usable rows
         for rb in batches:
@@ -482,7 +488,7 @@ def family_columns(boff, hashes, keys, counts):
     the tokens a cache holding every shared block once would not compute (summed over rows:
     sum over nodes of 16 (c - 1))."""
     import numpy as np
-    from libinfer.engine.kv_cache import BLOCK
+    from libinfer.engine import BLOCK
     boff = np.asarray(boff, dtype=np.int64)
     nb = np.diff(boff)
     rows = len(nb)
@@ -678,7 +684,7 @@ def single_process_baseline(data: dict, model: dict, n_total: int, mode: str) ->
     from collections import Counter
     from jobs._spark import worker_tokenizer
     t0 = time.perf_counter()
-    tok, context = worker_tokenizer(model)
+    tok, context = worker_tokenizer(model, light=tokenize_only(data, None))
     load = time.perf_counter() - t0
     t1 = time.perf_counter()
     sample = min(data["single_process_sample"], data["limit"] or n_total or 1)
@@ -726,7 +732,7 @@ def _run_preprocess(spark, cfg, out: Output) -> dict:
     from omegaconf import OmegaConf
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
-    from libinfer.engine.kv_cache import BLOCK
+    from libinfer.engine import BLOCK
     data = OmegaConf.to_container(cfg.data, resolve=True)
     model = OmegaConf.to_container(cfg.model, resolve=True)
     fault = OmegaConf.to_container(cfg.fault, resolve=True)

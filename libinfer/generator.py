@@ -11,7 +11,8 @@ from typing import Sequence as Seq
 import torch
 
 from . import sampling
-from .engine.kv_cache import BLOCK, KVCache, PrefixCache, block_hashes
+from .engine import BLOCK
+from .engine.kv_cache import KVCache, PrefixCache, block_hashes
 from .engine.scheduler import Scheduler
 from .engine.sequence import RepetitionMask, Request, Sequence, StopRules
 from .layers import attention_groups, check_quantization

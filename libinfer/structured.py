@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 GUIDE_FIELDS = ("guided_json", "guided_regex", "guided_choice")
 
@@ -145,6 +147,7 @@ class Guidance:
     def mask(self, matchers: list) -> torch.Tensor:
         """[len(matchers), vocab] bool: which tokens each row may draw next."""
         import llguidance.torch as lt
+        import torch          # here: validating a guide (params.py) needs no torch
         words = torch.empty(len(matchers), self.words, dtype=torch.int32)
         for i, m in enumerate(matchers):
             lt.fill_next_token_bitmask(m, words, i)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from conftest import mixed_corpus, write_jsonl
+from conftest import JOB_ROOT, mixed_corpus, write_jsonl
 from jobs.preprocess import _SPACE_AROUND_NL, _SPACES, clean_text, collapse_whitespace, parse_record
 
 CLEAN = {"unicode_form": "NFC", "strip_control": True, "collapse_whitespace": True, "strip": True}
@@ -162,3 +162,58 @@ def test_chain_hashes_identify_whole_block_prefixes():
             prefixes.setdefault(x, set()).add(tuple(r[:16 * (k + 1)]))
     assert all(len(p) == 1 for p in prefixes.values())
     assert len(prefixes) == len({tuple(r[:16 * (k + 1)]) for r in rows for k in range(len(r) // 16)})
+
+
+@pytest.mark.parametrize("which", ["tiny_random", "bundled_gguf"])
+def test_tokenize_only_worker_needs_no_torch(which, tiny_model, job_env, tmp_path):
+    """A preprocess worker that only batch-encodes builds its encoder from the entry a full
+    tokenizer load left in the cache: the model's own ids, its context length, and neither
+    torch nor transformers imported (their import is most of a fresh worker's start)."""
+    import json
+    import subprocess
+    import sys
+    from omegaconf import OmegaConf
+    from jobs._spark import worker_tokenizer
+    m = OmegaConf.to_container(tiny_model, resolve=True) if which == "tiny_random" else \
+        {"path": None, "gguf_file": None}
+    full, context = worker_tokenizer(m)          # a full load: writes the entry
+    texts = ["Q: cheap flights tokyo\nA:", "  h\u00e9llo w\u00f6rld <|im_start|> x\n\n", "tok " * 200, "\uc548\ub155"]
+    code = ("import json, sys\nfrom jobs._spark import worker_tokenizer\n"
+            f"tok, ctx = worker_tokenizer(json.loads({json.dumps(json.dumps(m))}), light=True)\n"
+            f"ids = [e.ids for e in tok.backend_tokenizer.encode_batch({texts!r}, add_special_tokens=True)]\n"
+            "print(json.dumps([type(tok).__name__, ctx, ids, 'torch' in sys.modules, 'transformers' in sys.modules]))")
+    out = subprocess.run([sys.executable, "-c", code], env=job_env["env"], cwd=JOB_ROOT, capture_output=True,
+                         text=True, check=True)
+    kind, ctx, ids, torch_in, transformers_in = json.loads(out.stdout.strip().splitlines()[-1])
+    assert (kind, ctx, torch_in, transformers_in) == ("FastTokenizer", context, False, False)
+    assert ids == full(texts).input_ids
+    # No entry (a fresh cache): the full tokenizer, which then writes one.
+    fresh = dict(job_env["env"], LIBINFER_CACHE=str(tmp_path / "cache"))
+    out = subprocess.run([sys.executable, "-c", code], env=fresh, cwd=JOB_ROOT, capture_output=True, text=True,
+                         check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1])[0] != "FastTokenizer"
+    assert list((tmp_path / "cache" / "tokenizers").glob("*.fast.json"))
+
+
+def test_job_drivers_import_no_torch(job_env):
+    """The drivers of preprocess, generate and pipeline import, validate their config
+    (model.quantization included) and resolve the generation parameters without torch:
+    the model runs on the executors, and torch's import was ~1.5 s of every job's start."""
+    import json
+    import os
+    import subprocess
+    import sys
+    code = ("import json, sys\nfrom hydra import compose, initialize_config_dir\nfrom jobs import _config\n"
+            "def job_cfg(*o):\n    with initialize_config_dir(config_dir=sys.argv[1], version_base=None):\n"
+            "        cfg = compose('config', overrides=list(o))\n    _config.validate(cfg)\n    return cfg\n"
+            "import jobs.pipeline, jobs.generate, jobs.preprocess\nfrom jobs.generate import resolve_params\n"
+            "cfg = job_cfg('model=smollm2_135m', 'model.dtype=bf16', 'model.quantization=int8')\n"
+            "resolve_params(cfg)\n"
+            "bad = None\ntry:\n    job_cfg('model=smollm2_135m', 'model.quantization=int4')\n"
+            "except Exception as e:\n    bad = str(e)\n"
+            "print(json.dumps(['torch' in sys.modules, 'transformers' in sys.modules, bad]))")
+    out = subprocess.run([sys.executable, "-c", code, os.path.join(JOB_ROOT, "conf")], env=job_env["env"],
+                         cwd=JOB_ROOT, capture_output=True, text=True, check=True)
+    torch_in, transformers_in, bad = json.loads(out.stdout.strip().splitlines()[-1])
+    assert (torch_in, transformers_in) == (False, False)
+    assert "model.quantization" in bad and "bfloat16" in bad     # float32 + int4 still refused

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-BLOCK = 16          # tokens per prefix block: a segment is a whole number of blocks
+from . import BLOCK
 
 
 class KVCache:

@@ -23,8 +23,9 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from ..models.config import QUANTIZATIONS, check_quantization  # noqa: F401 - the layers' names for them
+
 _ONEDNN_DTYPES = (torch.bfloat16,)
-QUANTIZATIONS = ("none", "int8", "int4")
 INT4_GROUP = 32
 _ONEDNN_UNARY = {None: ("none", ""), "silu": ("swish", ""), "gelu_tanh": ("gelu", "tanh")}
 
@@ -77,20 +78,6 @@ def _post(y: torch.Tensor, post: str | None, other: torch.Tensor | None) -> torc
     if post == "add":
         return other + y
     return y
-
-
-def check_quantization(quantization: str | None, dtype: torch.dtype, device) -> str:
-    """The quantization name, or ValueError naming model.quantization when it cannot run here."""
-    q = quantization or "none"
-    if q not in QUANTIZATIONS:
-        raise ValueError(f"model.quantization must be one of {', '.join(QUANTIZATIONS)} (got {quantization!r})")
-    if q != "none" and torch.device(device).type != "cpu":
-        raise ValueError(f"model.quantization={q} runs on CPU only (torch's weight-only CPU kernels); on "
-                         f"{device} use model.quantization=none with bfloat16 or float16")
-    if q != "none" and dtype != torch.bfloat16:
-        raise ValueError(f"model.quantization={q} needs model.dtype=bfloat16 (the kernels multiply bf16 "
-                         f"activations; got {str(dtype).removeprefix('torch.')})")
-    return q
 
 
 class QuantizedDense:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -18,30 +17,7 @@ import torch
 from ..models import Family, family, family_for_hf
 from ..models.config import ModelConfig, ModelLoadError
 from . import gguf, safetensors, weight_cache
-
-def resolve(path: str | os.PathLike | None, gguf_file: str | None = None) -> tuple[Path, str | None]:
-    """Return (directory, gguf file or None); `path` may also point at a .gguf file itself,
-    or name a bundled model (None, "bundled" or "smollm2_135m"; "gemma3_270m")."""
-    from . import bundled
-    if path is None or str(path) in bundled.NAMES:
-        folder, gguf_file = bundled.locate(str(path) if path else "smollm2_135m")
-        return Path(folder), gguf_file
-    p = Path(path)
-    if p.is_file() and p.suffix == ".gguf":
-        return p.parent, p.name
-    if not p.is_dir():
-        raise ModelLoadError(f"model path {str(p)!r} does not exist or is not a directory")
-    if gguf_file is None and not (p / "config.json").exists():
-        ggufs = sorted(x.name for x in p.glob("*.gguf"))
-        if len(ggufs) == 1:
-            gguf_file = ggufs[0]
-        else:
-            raise ModelLoadError(f"{p} has no config.json and {'no' if not ggufs else 'several'} .gguf files;"
-                                 " pass gguf_file=")
-    if gguf_file is not None and not (p / gguf_file).is_file():
-        raise ModelLoadError(f"GGUF file {gguf_file!r} not found in {p}")
-    return p, gguf_file
-
+from .paths import checkpoint_files, fingerprint, resolve
 
 @dataclass
 class Checkpoint:
@@ -97,17 +73,11 @@ class Checkpoint:
 
     @property
     def files(self) -> list[Path]:
-        if self.gguf_file:
-            return [self.folder / self.gguf_file]
-        return sorted(self.folder.glob("*.safetensors")) + [self.folder / "config.json"]
+        return checkpoint_files(self.folder, self.gguf_file)
 
     def fingerprint(self) -> str:
         """Cheap identity (paths, sizes, mtimes) for caches; see `content_hash` for registries."""
-        h = hashlib.sha256()
-        for f in self.files:
-            st = f.stat()
-            h.update(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
-        return h.hexdigest()[:16]
+        return fingerprint(self.files)
 
     def content_hash(self) -> str:
         h = hashlib.sha256()

@@ -4,8 +4,10 @@ it and is not listed here is refused by the family's parser (`Refuse`), never ig
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:      # not imported at run time: parsing configs needs no torch
+    import torch
 
 
 class ModelLoadError(RuntimeError):
@@ -84,7 +86,7 @@ class ModelConfig:
         return 2 * self.n_layers * self.n_kv_heads * self.head_dim
 
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
-        return self.kv_values_per_token * torch.empty((), dtype=dtype).element_size()
+        return self.kv_values_per_token * dtype.itemsize
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -150,3 +152,22 @@ def parse_rope(params: dict | None, theta: float | None, max_position: int, what
 
 def eos_ids(value) -> tuple[int, ...]:
     return tuple(value) if isinstance(value, list) else (() if value is None else (int(value),))
+
+
+QUANTIZATIONS = ("none", "int8", "int4")      # model.quantization: the products' weight format (layers/linear.py)
+
+
+def check_quantization(quantization: str | None, dtype, device) -> str:
+    """The quantization name, or ValueError naming model.quantization when it cannot run
+    here; dtype a torch dtype or its name (a job's driver validates without torch)."""
+    q = quantization or "none"
+    if q not in QUANTIZATIONS:
+        raise ValueError(f"model.quantization must be one of {', '.join(QUANTIZATIONS)} (got {quantization!r})")
+    if q != "none" and str(device).split(":")[0] != "cpu":
+        raise ValueError(f"model.quantization={q} runs on CPU only (torch's weight-only CPU kernels); on "
+                         f"{device} use model.quantization=none with bfloat16 or float16")
+    name = str(dtype).removeprefix("torch.")
+    if q != "none" and name not in ("bfloat16", "bf16"):
+        raise ValueError(f"model.quantization={q} needs model.dtype=bfloat16 (the kernels multiply bf16 "
+                         f"activations; got {name})")
+    return q
