@@ -6,7 +6,7 @@
 
 The names below are imported on first use (PEP 562), so that a process which needs only a
 torch-free part (a Spark worker that tokenizes: `loading.tokenizer.fast_tokenizer`,
-`engine.blocks`) does not pay torch's import (~1.6 s) for it.
+`engine.BLOCK`) does not pay torch's import (~1.6 s) for it.
 """
 from __future__ import annotations
 
