@@ -103,10 +103,9 @@ def _decode_attention(self, x, step, cache_k, cache_v, pool_k, pool_v):
 ORIGINAL = {"dense": L.Dense.__call__, "decode": A.Attention._decode, "groups": G.attention_groups, "torch": G.torch}
 
 
-def set_patches(g: Generator, on: bool, bucket: int) -> None:
-    """The changes the module docstring lists (process-wide), or the original code back."""
-    m = g.runner.model
-    for layer in m.layers:      # the packed layout hides the output size: the fake kernels need it
+def give_out_features(m) -> None:
+    """The packed layout hides a product's output size: the fake kernels need it."""
+    for layer in m.layers:
         a, cfg = layer.attn, m.cfg
         a.qkv.out_features = (a.n_heads + 2 * a.n_kv_heads) * a.head_dim
         a.o.out_features = cfg.hidden_size
@@ -117,6 +116,10 @@ def set_patches(g: Generator, on: bool, bucket: int) -> None:
             layer.mlp.gate_up.out_features = 2 * cfg.intermediate_size
         layer.mlp.down.out_features = cfg.hidden_size
     m.head.out_features = m.cfg.vocab_size
+
+
+def set_patches(g: Generator, on: bool, bucket: int) -> None:
+    """The changes the module docstring lists (process-wide), or the original code back."""
     if not on:
         L.Dense.__call__, A.Attention._decode = ORIGINAL["dense"], ORIGINAL["decode"]
         G.attention_groups, G.torch = ORIGINAL["groups"], ORIGINAL["torch"]
@@ -165,6 +168,7 @@ def main() -> None:
             rows += list(dict.fromkeys(ln for ln in out.splitlines() if ln.startswith(f"| {dtype} |")))
             continue
         g = Generator.from_pretrained(None, dtype=dtype)
+        give_out_features(g.runner.model)
         for n_rows in map(int, args.rows.split(",")):
             words = "search query suggest cheap flights tokyo hotel weather recipe pasta running shoes".split()
             prompts = [g.tokenizer(" ".join(words[(r + i) % len(words)] for i in range(80))).input_ids[:64]

@@ -10,6 +10,8 @@ import json
 import os
 from pathlib import Path
 
+from .paths import fingerprint, resolve
+
 
 def cache_dir() -> Path:
     return Path(os.environ.get("LIBINFER_CACHE", Path.home() / ".cache" / "libinfer"))
@@ -18,7 +20,6 @@ def cache_dir() -> Path:
 def _fast_entry(folder: Path, gguf_file: str | None) -> Path:
     """The fast entry's file, keyed by the files the tokenizer is read from: the GGUF, or
     every file of an HF directory but its weights (an edited tokenizer.json is a new key)."""
-    from .paths import fingerprint
     files = [folder / gguf_file] if gguf_file else \
         sorted(f for f in folder.iterdir() if f.is_file() and f.suffix not in (".safetensors", ".bin", ".pt"))
     return cache_dir() / "tokenizers" / f"{fingerprint(files)}.fast.json"
@@ -72,7 +73,6 @@ def fast_tokenizer(path, gguf_file: str | None = None):
     """(FastTokenizer, context length) of the checkpoint from its fast entry, or None when
     no full load on this machine has written one yet (or it cannot be read). Imports
     neither torch nor transformers."""
-    from .paths import resolve
     try:
         entry = json.loads(_fast_entry(*resolve(path, gguf_file)).read_text())
         from tokenizers import Tokenizer
