@@ -9,8 +9,11 @@ time outside any op (Python and scheduling between kernels). Optionally (--compi
 compiled by torch.compile (inductor's C++ backend, the batch size fixed).
 
 Writes the '## Decode step profile' section of benchmarks/RESULTS.md (--no-write: print only).
+With --prefill N it profiles instead one prefill of the first N prompts of throughput.py's
+mixed-length workload (one new token each) and only prints the same breakdown.
 
     python benchmarks/decode_profile.py [--rows 1,64] [--steps 32] [--configs bfloat16:none] [--compile]
+    python benchmarks/decode_profile.py --prefill 24 --configs bfloat16:none,float32:none
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import cpu_kind, header, write_section  # noqa: E402
+from throughput import workload  # noqa: E402
 
 from libinfer import Generator, GenerationParams  # noqa: E402
 
@@ -62,6 +66,18 @@ def profile_decode(g: Generator, rows: int, steps: int):
     res = g.generate(prompts, params, on_token=on_token)
     prof.stop()
     return step_ms, prof.key_averages(), res.metrics.decode_steps
+
+
+def profile_prefill(g: Generator, n: int):
+    """(prefill ms unprofiled, profiler key averages of a second prefill, prompt tokens) for
+    the first n prompts of throughput.py's workload, one new token each."""
+    prompts = workload(g.tokenizer, 64, 20, 500, seed=0)[:n]
+    params = GenerationParams(greedy=True, out_seq_length=1, ignore_eos=True)
+    g.generate(prompts[:4], params)                                # warm
+    m = g.generate(prompts, params).metrics
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        g.generate(prompts, params)
+    return 1e3 * m.prefill_s, prof.key_averages(), sum(map(len, prompts))
 
 
 def breakdown(avgs, steps: int, step_ms: float, top: int = 8):
@@ -110,9 +126,23 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--compile", action="store_true", help="also time torch.compile's decode step (minutes)")
     ap.add_argument("--configs", default=CONFIGS, help="dtype:quantization pairs, comma-separated")
+    ap.add_argument("--prefill", type=int, default=0, metavar="N",
+                    help="profile one prefill of N mixed-length prompts instead (prints only)")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.prefill:
+        for dtype, quant in (c.split(":") for c in args.configs.split(",")):
+            g = Generator.from_pretrained(None, dtype=dtype, quantization=quant, max_batch_size=64,
+                                          max_batch_tokens=2048)
+            ms, avgs, tokens = profile_prefill(g, args.prefill)
+            groups, ops = breakdown(avgs, 1, ms)
+            print(f"{dtype} {quant} prefill of {args.prefill} prompts ({tokens} tokens): {ms:.0f} ms; "
+                  + ", ".join(f"{k} {v:.0f} ms ({100 * sh:.0f}%)" for k, (v, sh) in groups.items()))
+            print("  top ops: " + "; ".join(f"{k} {v:.0f} ms ({100 * sh:.0f}%, {n:.0f} calls)" for k, v, sh, n in ops),
+                  flush=True)
+            g.close()
+        return
     rows_list = [int(r) for r in args.rows.split(",")]
     summary, details = [], []
     for dtype, quant in (c.split(":") for c in args.configs.split(",")):
